@@ -1,0 +1,459 @@
+"""Configuration: config.toml + environment -> frozen, typed dataclasses.
+
+Every key of the contract exists with its default, so an empty file (or none) is a
+valid configuration. Every problem raises :class:`ConfigError` with one line naming
+the source (file or environment variable), the key and what was wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+import types
+import typing
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+_CLUSTERS = {
+    "devnet": "https://api.devnet.solana.com",
+    "testnet": "https://api.testnet.solana.com",
+    "mainnet-beta": "https://api.mainnet-beta.solana.com",
+}
+_HELIUS = {
+    "devnet": "https://devnet.helius-rpc.com/?api-key={key}",
+    "testnet": "https://devnet.helius-rpc.com/?api-key={key}",  # Helius has no testnet
+    "mainnet-beta": "https://mainnet.helius-rpc.com/?api-key={key}",
+}
+
+# Query parameters and userinfo that hold credentials in provider URLs.
+_SECRET_PARAMS = re.compile(r"(api[-_]?key|key|token|secret|auth|password)", re.I)
+
+
+def redact(url: str) -> str:
+    """Return ``url`` with credentials replaced by ``***``; the rest stays readable.
+
+    Covers ``?api-key=...`` style query parameters, ``user:pass@`` userinfo and
+    key-looking path segments (e.g. QuickNode's ``/<token>/``).
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(
+        f"{k}=***" if _SECRET_PARAMS.search(k) else (f"{k}={v}" if v else k)
+        for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    )
+    path = "/".join(
+        "***" if len(seg) >= 24 and re.fullmatch(r"[A-Za-z0-9_-]+", seg) else seg
+        for seg in parts.path.split("/")
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    bind: str = "127.0.0.1:8080"
+    graceful_timeout: float = 5.0
+    allowed_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamConfig:
+    cluster: str = "devnet"
+    rpc_url: tuple[str, ...] = ()
+    ws_url: str = ""
+    commitment: str = "confirmed"
+    max_connections: int = 10
+    max_requests_per_second: float = 100.0
+    method_costs: Mapping[str, int] = field(
+        default_factory=lambda: types.MappingProxyType({"getProgramAccounts": 10})
+    )
+    request_timeout: float = 30.0
+    batch_window_ms: float = 100.0
+    max_batch_size: int = 100
+    max_queue: int = 10000
+    max_retries: int = 3
+    # From $HELIUS_API_KEY; only used to build the default rpc_url. Never printed.
+    helius_api_key: str = field(default="", repr=False)
+
+    @property
+    def rpc_urls(self) -> tuple[str, ...]:
+        """The effective RPC endpoints, in failover order."""
+        if self.rpc_url:
+            return self.rpc_url
+        if self.helius_api_key:
+            return (_HELIUS[self.cluster].format(key=self.helius_api_key),)
+        return (_CLUSTERS[self.cluster],)
+
+    @property
+    def pubsub_url(self) -> str:
+        """The effective PubSub WebSocket URL (derived from the first RPC URL)."""
+        if self.ws_url:
+            return self.ws_url
+        url = self.rpc_urls[0]
+        return "wss" + url[5:] if url.startswith("https") else "ws" + url[4:]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheConfig:
+    ttl: float = 5.0
+    maxsize: int = 100000
+    max_stale: float = 300.0
+    # Per-method TTL overrides, e.g. {getSlot = 0.4}; methods not listed use ttl.
+    method_ttls: Mapping[str, float] = field(default_factory=lambda: types.MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateConfig:
+    polling_interval: float = 30.0
+    price_interval: float = 2.0
+    participants_interval: float = 10.0
+    max_staleness: float = 90.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PriceConfig:
+    url: str = "https://api.jup.ag/price/v3"
+    max_requests_per_second: float = 0.5
+    # From $JUPITER_API_KEY, sent as x-api-key. Never printed.
+    api_key: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenConfig:
+    # Devnet USDC: a real devnet mint so the defaults point at something that exists.
+    mint: str = "4zMMC9srt5Ri5X14GAgXhaHii3GnPAEERYPJgZJDncDU"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LotteryConfig:
+    pot_account: str = "Lotto1Pot1111111111111111111111111111111111"
+    program_id: str = "Lotto1Program111111111111111111111111111111"
+    participant_filters: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WsConfig:
+    max_clients: int = 100000
+    max_message_size: int = 4096
+    ping_interval: float = 20.0
+    send_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiConfig:
+    max_wallets: int = 1000
+    max_body_bytes: int = 65536
+    per_client_rps: float = 0.0
+    trusted_proxies: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+    access: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    price: PriceConfig = field(default_factory=PriceConfig)
+    token: TokenConfig = field(default_factory=TokenConfig)
+    lottery: LotteryConfig = field(default_factory=LotteryConfig)
+    ws: WsConfig = field(default_factory=WsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = field(default="(defaults)", compare=False)
+
+    def replace(self, section: str, **changes: Any) -> Config:
+        """A copy with some keys of one section changed (validated like a file)."""
+        raw = to_dict(self)
+        raw[section].update(changes)
+        return from_dict(raw, source=self.source, environ={})
+
+
+_SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Config)
+    if f.name != "source"
+}
+# Keys filled from the environment only, never from the file.
+_ENV_ONLY = {("upstream", "helius_api_key"), ("price", "api_key")}
+_PUBKEY_KEYS = {("token", "mint"), ("lottery", "pot_account"), ("lottery", "program_id")}
+_CHOICES = {
+    ("upstream", "cluster"): tuple(_CLUSTERS),
+    ("upstream", "commitment"): ("processed", "confirmed", "finalized"),
+    ("log", "level"): ("debug", "info", "warning", "error"),
+    ("log", "format"): ("text", "json"),
+}
+# Keys that may be zero (everything else numeric must be > 0).
+_MAY_BE_ZERO = {
+    ("api", "per_client_rps"),
+    ("upstream", "max_retries"),
+    ("cache", "max_stale"),
+    ("server", "graceful_timeout"),
+    ("upstream", "batch_window_ms"),
+}
+
+
+def _keys(section: str) -> dict[str, Any]:
+    cls = _SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if (section, f.name) not in _ENV_ONLY}
+
+
+def _closest(word: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Validate ``value`` against the dataclass type ``hint``; return it normalized."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        if isinstance(value, str) and typing.get_origin(item_hint) is None and item_hint is str:
+            value = [value] if value else []  # a single URL / origin is a list of one
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_check_type(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is Mapping:
+        key_hint, val_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        if val_hint is Any:
+            return types.MappingProxyType(dict(value))
+        return types.MappingProxyType(
+            {_check_type(k, key_hint, where): _check_type(v, val_hint, f"{where}.{k}") for k, v in value.items()}
+        )
+    raise AssertionError(f"unhandled config type {hint}")  # pragma: no cover
+
+
+def _is_pubkey(text: str) -> bool:
+    from solders.pubkey import Pubkey
+
+    try:
+        Pubkey.from_string(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_url(url: str, where: str, schemes: tuple[str, ...]) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ConfigError(f"{where}: not a valid {'/'.join(schemes)} URL: {redact(url)!r}")
+
+
+def _check_bind(bind: str, where: str) -> None:
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: expected HOST:PORT, got {bind!r}")
+
+
+def _check_filters(filters: tuple[Mapping[str, Any], ...], where: str) -> None:
+    if len(filters) > 4:
+        raise ConfigError(f"{where}: at most 4 filters are allowed (Solana RPC limit), got {len(filters)}")
+    for i, flt in enumerate(filters):
+        here = f"{where}[{i}]"
+        if set(flt) == {"dataSize"}:
+            if not isinstance(flt["dataSize"], int) or isinstance(flt["dataSize"], bool) or flt["dataSize"] < 0:
+                raise ConfigError(f"{here}: dataSize must be a non-negative integer, got {flt['dataSize']!r}")
+        elif set(flt) == {"memcmp"}:
+            memcmp = flt["memcmp"]
+            if (
+                not isinstance(memcmp, dict)
+                or not isinstance(memcmp.get("offset"), int)
+                or memcmp["offset"] < 0
+                or not isinstance(memcmp.get("bytes"), str)
+                or not set(memcmp) <= {"offset", "bytes", "encoding"}
+            ):
+                raise ConfigError(f"{here}: memcmp needs {{offset = <int>, bytes = \"<base58>\"}}, got {memcmp!r}")
+        else:
+            raise ConfigError(f"{here}: expected {{dataSize = N}} or {{memcmp = {{...}}}}, got {dict(flt)!r}")
+
+
+def _validate(section: str, key: str, value: Any, where: str) -> None:
+    """Value checks beyond the type: ranges, choices, pubkeys, URLs."""
+    if (section, key) in _CHOICES and value not in _CHOICES[section, key]:
+        raise ConfigError(f"{where}: must be one of {', '.join(_CHOICES[section, key])}; got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0 or (value == 0 and (section, key) not in _MAY_BE_ZERO):
+            raise ConfigError(f"{where}: must be {'>= 0' if (section, key) in _MAY_BE_ZERO else '> 0'}, got {value!r}")
+    if (section, key) in _PUBKEY_KEYS and not _is_pubkey(value):
+        raise ConfigError(f"{where}: not a valid Solana public key (base58, 32 bytes): {value!r}")
+    if (section, key) == ("upstream", "rpc_url"):
+        for i, url in enumerate(value):
+            _check_url(url, f"{where}[{i}]" if len(value) > 1 else where, ("http", "https"))
+    if (section, key) == ("upstream", "ws_url") and value:
+        _check_url(value, where, ("ws", "wss"))
+    if (section, key) == ("price", "url"):
+        _check_url(value, where, ("http", "https"))
+    if (section, key) == ("server", "bind"):
+        _check_bind(value, where)
+    if (section, key) == ("upstream", "max_batch_size") and value > 100:
+        raise ConfigError(f"{where}: at most 100 calls per batch, got {value}")
+    if (section, key) == ("lottery", "participant_filters"):
+        _check_filters(value, where)
+
+
+def _parse_env_value(text: str) -> Any:
+    """Environment values are TOML values when they parse as one, else plain strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def from_dict(raw: Mapping[str, Any], *, source: str = "(defaults)", environ: Mapping[str, str] | None = None) -> Config:
+    """Build a validated :class:`Config` from parsed TOML plus environment overrides.
+
+    Raises:
+        ConfigError: one line naming the source, the key and the problem.
+    """
+    environ = os.environ if environ is None else environ
+    merged: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in _SECTIONS}
+    for section, table in raw.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}]{_closest(section, list(_SECTIONS))}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table, got {table!r}")
+        known = _keys(section)
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key {section}.{key}{_closest(key, list(known))}")
+            merged[section][key] = (value, f"{source}: {section}.{key}")
+    for name, text in environ.items():
+        if not name.startswith("EDGESTATE_") or name == "EDGESTATE_CONFIG":
+            continue
+        rest = name[len("EDGESTATE_") :].lower()
+        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            raise ConfigError(f"environment {name}: unknown section{_closest(rest.split('_')[0], list(_SECTIONS))}")
+        key = rest[len(section) + 1 :]
+        known = _keys(section)
+        if key not in known:
+            raise ConfigError(f"environment {name}: unknown key {section}.{key}{_closest(key, list(known))}")
+        merged[section][key] = (_parse_env_value(text), f"environment {name}")
+    if environ.get("HELIUS_API_KEY"):
+        merged["upstream"]["helius_api_key"] = (environ["HELIUS_API_KEY"], "environment HELIUS_API_KEY")
+    if environ.get("JUPITER_API_KEY"):
+        merged["price"]["api_key"] = (environ["JUPITER_API_KEY"], "environment JUPITER_API_KEY")
+
+    sections: dict[str, Any] = {}
+    for section, values in merged.items():
+        hints = typing.get_type_hints(_SECTIONS[section])
+        kwargs = {}
+        for key, (value, where) in values.items():
+            value = _check_type(value, hints[key], where)
+            _validate(section, key, value, where)
+            kwargs[key] = value
+        sections[section] = _SECTIONS[section](**kwargs)
+    return Config(**sections, source=source)
+
+
+def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration the way the contract says.
+
+    ``path`` if given (must exist), else ``$EDGESTATE_CONFIG`` (must exist), else
+    ``./config.toml`` if present, else all defaults. Environment overrides apply on top.
+
+    Raises:
+        ConfigError: missing file, TOML syntax error, unknown key, wrong type or value.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path if path is not None else environ.get("EDGESTATE_CONFIG") or None
+    candidate = Path(explicit) if explicit is not None else Path("config.toml")
+    if not candidate.exists():
+        if explicit is not None:
+            raise ConfigError(f"{candidate}: config file not found")
+        return from_dict({}, source="(defaults)", environ=environ)
+    try:
+        raw = tomllib.loads(candidate.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{candidate}: TOML syntax error: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{candidate}: cannot read: {exc.__class__.__name__}: {exc}") from None
+    return from_dict(raw, source=str(candidate), environ=environ)
+
+
+def to_dict(config: Config, *, redacted: bool = False) -> dict[str, dict[str, Any]]:
+    """The configuration as plain data (``redacted``: secrets shown as ``***``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in _SECTIONS:
+        obj = getattr(config, section)
+        table: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            if (section, f.name) in _ENV_ONLY:
+                continue
+            value = getattr(obj, f.name)
+            if isinstance(value, Mapping):
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = [dict(v) if isinstance(v, Mapping) else v for v in value]
+            table[f.name] = value
+        out[section] = table
+    if redacted:
+        up = out["upstream"]
+        up["rpc_url"] = [redact(u) for u in config.upstream.rpc_urls]
+        up["ws_url"] = redact(config.upstream.pubsub_url)
+        out["price"]["url"] = redact(config.price.url)
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(value)  # pragma: no cover
+
+
+def to_toml(config: Config) -> str:
+    """The effective configuration as TOML, secrets redacted (for check-config)."""
+    lines = [f"# effective configuration from {config.source}"]
+    for section, table in to_dict(config, redacted=True).items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    if config.upstream.helius_api_key:
+        lines.append('# HELIUS_API_KEY = "***" (from the environment)')
+    if config.price.api_key:
+        lines.append('# JUPITER_API_KEY = "***" (from the environment)')
+    return "\n".join(lines) + "\n"
