@@ -1,0 +1,126 @@
+import dataclasses
+
+import pytest
+
+from edgestate import config
+from edgestate.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_seeds():
+    cfg = config.load(None, environ={})
+    assert cfg.upstream.max_connections == 10
+    assert cfg.upstream.max_requests_per_second == 100
+    assert cfg.upstream.request_timeout == 30.0
+    assert cfg.upstream.batch_window_ms == 100
+    assert cfg.state.polling_interval == 30.0
+    assert cfg.cache.ttl == 5.0
+    assert cfg.upstream.rpc_urls == ("https://api.devnet.solana.com",)
+    assert cfg.upstream.pubsub_url == "wss://api.devnet.solana.com"
+
+
+def test_shipped_config_toml_equals_defaults():
+    shipped = config.load("config.toml", environ={})
+    assert dataclasses.replace(shipped, source="x") == dataclasses.replace(config.load(None, environ={}), source="x")
+
+
+def test_defaults_pass_their_own_validation():
+    cfg = config.load(None, environ={})
+    assert config.from_dict(config.to_dict(cfg), environ={}) == cfg
+
+
+def test_frozen():
+    cfg = config.load(None, environ={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.upstream.max_connections = 3  # type: ignore[misc]
+
+
+def test_file_values_and_env_overrides(tmp_path):
+    path = write(tmp_path, '[upstream]\nmax_connections = 4\nrpc_url = ["http://a.example", "http://b.example"]\n')
+    cfg = config.load(path, environ={"EDGESTATE_UPSTREAM_MAX_CONNECTIONS": "7", "EDGESTATE_LOG_LEVEL": "debug"})
+    assert cfg.upstream.max_connections == 7
+    assert cfg.log.level == "debug"
+    assert cfg.upstream.rpc_urls == ("http://a.example", "http://b.example")
+    assert cfg.upstream.pubsub_url == "ws://a.example"
+
+
+def test_single_rpc_url_string_is_a_list_of_one():
+    cfg = config.from_dict({"upstream": {"rpc_url": "https://x.example/rpc"}}, environ={})
+    assert cfg.upstream.rpc_urls == ("https://x.example/rpc",)
+
+
+def test_helius_key_selects_helius_and_is_never_printed():
+    cfg = config.load(None, environ={"HELIUS_API_KEY": "sekrit-123", "JUPITER_API_KEY": "jup-456"})
+    assert cfg.upstream.rpc_urls == ("https://devnet.helius-rpc.com/?api-key=sekrit-123",)
+    text = config.to_toml(cfg) + repr(cfg)
+    assert "sekrit-123" not in text and "jup-456" not in text
+    assert "api-key=***" in text
+    assert cfg.price.api_key == "jup-456"
+
+
+def test_config_path_from_environment(tmp_path):
+    path = write(tmp_path, "[ws]\nmax_clients = 5\n")
+    assert config.load(None, environ={"EDGESTATE_CONFIG": str(path)}).ws.max_clients == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[upstream]\nmax_conections = 3\n", "unknown key upstream.max_conections (did you mean 'max_connections'?)"),
+        ("[upstrem]\n", "unknown section [upstrem] (did you mean 'upstream'?)"),
+        ("[upstream]\nmax_connections = 'ten'\n", "upstream.max_connections: expected an integer"),
+        ("[upstream\n", "TOML syntax error"),
+        ("[token]\nmint = 'not-a-key'\n", "token.mint: not a valid Solana public key"),
+        ("[upstream]\nrpc_url = 'ftp://x'\n", "upstream.rpc_url: not a valid http/https URL"),
+        ("[state]\npolling_interval = -1\n", "state.polling_interval: must be > 0"),
+        ("[log]\nlevel = 'loud'\n", "log.level: must be one of"),
+        ("[server]\nbind = 'nohostport'\n", "server.bind: expected HOST:PORT"),
+        ("[lottery]\nparticipant_filters = [{dataSize = 'x'}]\n", "participant_filters[0]: dataSize"),
+        ("[log]\naccess = 1\n", "log.access: expected true or false"),
+    ],
+)
+def test_bad_config_is_one_line_naming_file_key_problem(tmp_path, text, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={})
+    message = str(info.value)
+    assert needle in message
+    assert str(path) in message
+    assert "\n" not in message
+
+
+def test_bad_env_override_names_the_variable():
+    with pytest.raises(ConfigError, match=r"environment EDGESTATE_WS_MAX_CLIENTS: .*expected an integer"):
+        config.load(None, environ={"EDGESTATE_WS_MAX_CLIENTS": "lots"})
+    with pytest.raises(ConfigError, match="did you mean 'max_clients'"):
+        config.load(None, environ={"EDGESTATE_WS_MAX_CLIENT": "3"})
+
+
+def test_missing_explicit_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.toml", environ={})
+
+
+def test_secret_in_bad_url_is_redacted(tmp_path):
+    path = write(tmp_path, "[upstream]\nws_url = 'http://x.example/?api-key=topsecret'\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={})
+    assert "topsecret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://mainnet.helius-rpc.com/?api-key=abc", "https://mainnet.helius-rpc.com/?api-key=***"),
+        ("https://user:pw@rpc.example/x", "https://***@rpc.example/x"),
+        ("https://x.quiknode.pro/0123456789abcdef0123456789abcdef/", "https://x.quiknode.pro/***/"),
+        ("http://127.0.0.1:8899", "http://127.0.0.1:8899"),
+    ],
+)
+def test_redact(url, expected):
+    assert config.redact(url) == expected
