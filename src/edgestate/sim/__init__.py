@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import socket
 
 import hypercorn.config
 import hypercorn.trio
@@ -38,10 +39,14 @@ async def serve_simulator(
         task_status: receives the bound base URL, e.g. ``"http://127.0.0.1:43817"``.
 
     Raises:
-        OSError: the address cannot be bound.
+        OSError: the address cannot be bound (a plain OSError, not a group).
+        ValueError: ``bind`` is not HOST:PORT.
     """
     config = hypercorn.config.Config()
-    config.bind = [bind]
+    # Bind here, not in Hypercorn, so a busy port raises a plain OSError from this
+    # frame instead of one nested in Hypercorn's exception groups; Hypercorn then
+    # owns the descriptor (fd://) and closes it.
+    config.bind = [f"fd://{_bind_socket(bind).detach()}"]
     config.accesslog = None
     # Hypercorn's "-" default would rewire the global "hypercorn.error" logger to stderr.
     config.errorlog = logging.getLogger("edgestate.sim.hypercorn")
@@ -51,6 +56,22 @@ async def serve_simulator(
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(hypercorn.trio.serve, app, config)
         task_status.started(binds[0])
+
+
+def _bind_socket(bind: str) -> socket.socket:
+    host, sep, port = bind.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"bind must be HOST:PORT, got {bind!r}")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, int(port)))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def run_demo_drift(world: World, *, interval: float = 1.0, rng: random.Random | None = None) -> None:

@@ -25,7 +25,8 @@ from edgestate.config import Config
 
 SYSTEM_PROGRAM = "11111111111111111111111111111111"
 TOKEN_PROGRAM = "TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA"
-TOKEN_2022_PROGRAM = "TokenzQdBNbQqGUTyHgQbV4cBwEpswzLcjVWtR1e2D4L"
+# The real Token-2022 id (the "TokenzQdBNbQqGUTy..." string seen in briefs is not a valid key).
+TOKEN_2022_PROGRAM = "TokenzQdBNbLqP5VEhdkAS6EPFLC1PHnBqCXEpPxuEb"
 TOKEN_PROGRAMS = {"spl": TOKEN_PROGRAM, "token-2022": TOKEN_2022_PROGRAM}
 MINT_LEN, TOKEN_ACCOUNT_LEN = 82, 165
 LAMPORTS_PER_SOL = 1_000_000_000
@@ -97,7 +98,7 @@ class SimAccount:
     modified_slot: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity-hashed: sessions live in a set
 class _Session:
     """One PubSub WebSocket: its subscriptions and what each has already been sent."""
 
@@ -197,15 +198,18 @@ class World:
         self._changed = trio.Event()
 
     @classmethod
-    def from_config(cls, cfg: Config, *, participants: int = 42, seed: int = 0) -> World:
+    def from_config(
+        cls, cfg: Config, *, participants: int = 42, seed: int = 0, clock: Callable[[], float] | None = None
+    ) -> World:
         """A world holding the lottery and token that ``cfg`` points at.
 
         The pot account holds 12.5 SOL, ``cfg.lottery.program_id`` owns ``participants``
         accounts matching ``cfg.lottery.participant_filters`` (plus a few that do not,
         when there are filters), and ``cfg.token.mint`` is an SPL mint (6 decimals)
-        priced at 0.042 USD.
+        priced at 0.042 USD. ``clock`` (default :func:`trio.current_time`) drives the
+        rate limiters; tests may freeze it.
         """
-        world = cls(seed=seed)
+        world = cls(seed=seed, clock=clock)
         world.pot_account = cfg.lottery.pot_account
         world.program_id = cfg.lottery.program_id
         world.token_mint = cfg.token.mint
