@@ -248,6 +248,8 @@ async def test_invalid_mint_rejected_before_batching(autojump_clock: trio.testin
     async with running(upstream) as client:
         with pytest.raises(ValueError):
             await client.get_price("not-a-mint")
+        with pytest.raises(ValueError):
+            await client.get_prices([A, "not-a-mint"])
     assert upstream.requests == []
 
 

@@ -307,8 +307,11 @@ class PriceClient:
         """Prices of several mints (one request per 50 uncached ones).
 
         Raises:
+            ValueError: a mint is not a base58 public key (nothing is requested).
             EdgeStateError: the first error of any mint, after all lookups finished.
         """
+        for mint in mints:
+            Pubkey.from_string(mint)
         results: dict[str, Cached[float | None]] = {}
         errors: list[EdgeStateError] = []
 

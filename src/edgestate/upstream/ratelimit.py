@@ -261,7 +261,7 @@ class RateLimiter:
             "limit": self._rate,
             "burst": self._burst,
             "current_rate": round(self._eff, 6),
-            "tokens": round(self._tokens, 6),
+            "tokens": round(self._tokens, 6) + 0.0,  # no "-0.0"
             "queued": {p.name.lower(): n for p, n in self._queued.items()},
             "granted": self._granted,
             "granted_cost": self._granted_cost,
