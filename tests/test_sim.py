@@ -114,6 +114,9 @@ def test_participants_and_filters(world: World) -> None:
     assert len(keys) == 3 and world.participant_count() == 45 and world.slot == slot + 1
     no_filters = World.from_config(from_dict({}, environ={}), participants=7)
     assert no_filters.participant_count() == len(no_filters.program_accounts(no_filters.program_id)) == 7
+    for filters in ([{"dataSize": 80}], [{"memcmp": {"offset": 0, "bytes": "2"}}]):
+        other = World.from_config(from_dict({"lottery": {"participant_filters": filters}}, environ={}), participants=5)
+        assert other.participant_count() == 5 < len(other.program_accounts(other.program_id))
 
 
 def test_jackpot_and_faults_validation(world: World) -> None:

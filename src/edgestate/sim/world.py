@@ -218,19 +218,17 @@ class World:
         world.add_mint(world.token_mint, 6)
         world.set_price(world.token_mint, 0.042)
         world.add_participants(participants)
-        if world.participant_filters:
-            # Accounts of the same program that the filters must exclude.
-            size = len(world._participant_data())
-            for _ in range(3):
-                world.set_account(world._random_key(), 2_000_000, world.program_id, world.rng.randbytes(size + 8))
-            near_miss = bytearray(world._participant_data())
-            for flt in world.participant_filters:
-                if "memcmp" in flt:
-                    near_miss[int(flt["memcmp"]["offset"])] ^= 0xFF
-                    break
-            else:
-                near_miss = near_miss[:-1]
-            world.set_account(world._random_key(), 2_000_000, world.program_id, bytes(near_miss))
+        # Accounts of the same program that the filters must exclude: longer ones, and
+        # one of the right size whose memcmp bytes differ. Only those that really fail.
+        matches = _compile_filters(world.participant_filters)
+        base = world._participant_data()
+        flipped = bytearray(base)
+        for flt in world.participant_filters:
+            if "memcmp" in flt and int(flt["memcmp"]["offset"]) < len(flipped):
+                flipped[int(flt["memcmp"]["offset"])] ^= 0xFF
+        for data in [bytes(flipped) + world.rng.randbytes(8) for _ in range(3)] + [bytes(flipped)]:
+            if not matches(data):
+                world.set_account(world._random_key(), 2_000_000, world.program_id, data)
         return world
 
     # ---- mutations (each advances the slot and wakes subscribers) ----
@@ -432,22 +430,11 @@ class World:
         Raises:
             ValueError: a filter of another shape or with bad memcmp bytes.
         """
-        checks = []
-        for flt in filters:
-            if isinstance(flt, Mapping) and set(flt) == {"dataSize"} and _is_uint(flt["dataSize"]):
-                size = int(flt["dataSize"])
-                checks.append(lambda d, size=size: len(d) == size)
-            elif isinstance(flt, Mapping) and set(flt) == {"memcmp"} and isinstance(flt["memcmp"], Mapping):
-                off, want = flt["memcmp"].get("offset"), decode_memcmp_bytes(flt["memcmp"])
-                if not _is_uint(off):
-                    raise ValueError(f"memcmp offset must be a non-negative integer, got {off!r}")
-                checks.append(lambda d, off=off, want=want: d[off : off + len(want)] == want)
-            else:
-                raise ValueError(f"unsupported filter {flt!r}")
+        matches = _compile_filters(filters)
         return [
             (key, acct)
             for key, acct in self.accounts.items()
-            if acct.owner == program and all(check(acct.data) for check in checks)
+            if acct.owner == program and matches(acct.data)
         ]
 
     # ---- fault knobs ----
@@ -609,6 +596,27 @@ class World:
     async def wait_changed(self) -> None:
         """Wait for the next mutation or :meth:`drop_ws`."""
         await self._changed.wait()
+
+
+def _compile_filters(filters: Iterable[Mapping[str, Any]]) -> Callable[[bytes], bool]:
+    """One predicate over account data for Solana's dataSize / memcmp filters.
+
+    Raises:
+        ValueError: a filter of another shape or with bad memcmp bytes.
+    """
+    checks: list[Callable[[bytes], bool]] = []
+    for flt in filters:
+        if isinstance(flt, Mapping) and set(flt) == {"dataSize"} and _is_uint(flt["dataSize"]):
+            size = int(flt["dataSize"])
+            checks.append(lambda d, size=size: len(d) == size)
+        elif isinstance(flt, Mapping) and set(flt) == {"memcmp"} and isinstance(flt["memcmp"], Mapping):
+            off, want = flt["memcmp"].get("offset"), decode_memcmp_bytes(flt["memcmp"])
+            if not _is_uint(off):
+                raise ValueError(f"memcmp offset must be a non-negative integer, got {off!r}")
+            checks.append(lambda d, off=off, want=want: d[off : off + len(want)] == want)
+        else:
+            raise ValueError(f"unsupported filter {flt!r}")
+    return lambda data: all(check(data) for check in checks)
 
 
 def _is_uint(value: object) -> bool:
