@@ -339,7 +339,14 @@ def create_sim_app(world: World) -> QuartTrio:
 
     @app.get("/control/stats")
     async def control_stats() -> Response:
-        return _json({"counters": world.counters(), "faults": world.faults(), "slot": world.slot})
+        return _json({
+            "counters": world.counters(),
+            "faults": world.faults(),
+            "slot": world.slot,
+            "jackpot": world.jackpot,
+            "participants": world.participant_count(),
+            "lastApiKeySeen": world.last_api_key is not None,  # never echo the key itself
+        })
 
     @app.post("/control/reset")
     async def control_reset() -> Response:
