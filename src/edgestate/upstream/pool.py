@@ -1,0 +1,602 @@
+"""Memory-channel upstream pool: batching, merging, retries and failover.
+
+Callers ``await pool.execute(method, params)``. Each call goes through a bounded
+per-priority memory channel to a batcher that collects one window of calls
+(``batch_window_ms`` from the first one, or until ``max_batch_size`` wire items),
+dedupes identical calls, merges single-account reads into ``getMultipleAccounts``,
+takes rate-limiter credits and hands the batch to one of ``max_connections``
+workers sharing one ``httpx.AsyncClient``. Replies are routed back by JSON-RPC id
+into a per-call one-shot slot, so a caller that gave up never blocks a worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import email.utils
+import json
+import logging
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import trio
+from solders.pubkey import Pubkey
+
+from ..config import UpstreamConfig, redact
+from ..errors import (
+    EdgeStateError,
+    Overloaded,
+    RpcError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .ratelimit import Priority, RateLimiter
+
+log = logging.getLogger("edgestate.upstream")
+
+_BACKOFF_BASE = 0.1
+_BACKOFF_CAP = 5.0
+_DOWN_AFTER = 3  # consecutive transport/5xx failures before an endpoint is marked down
+_PROBE_EVERY = 2.0
+_PROBE_CAP = 30.0
+_GMA_MAX = 100  # getMultipleAccounts accepts at most 100 keys
+_MERGE_CONFIG_KEYS = frozenset({"commitment", "encoding", "dataSlice", "minContextSlot"})
+_BALANCE_SLICE = {"encoding": "base64", "dataSlice": {"offset": 0, "length": 0}}
+_ItemRetry = frozenset({429})  # per-item error codes worth another attempt
+_ErrSpec = tuple[type[EdgeStateError], str]
+
+
+class _Call:
+    """One caller's request and its one-shot result slot."""
+
+    __slots__ = ("method", "params", "priority", "deadline", "done", "result", "error", "gone")
+
+    def __init__(self, method: str, params: list[Any] | None, priority: Priority, deadline: float) -> None:
+        self.method, self.params, self.priority, self.deadline = method, params, priority, deadline
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.gone = False  # the caller timed out or was cancelled: drop its result
+
+    @property
+    def waiting(self) -> bool:
+        return not self.gone and not self.done.is_set()
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        if not self.done.is_set():
+            self.result, self.error = result, error
+            self.done.set()
+
+
+class _Wire:
+    """One JSON-RPC item on the wire, answering one or more calls.
+
+    ``keys`` is set for a merged getMultipleAccounts; each waiter then carries the
+    index of its key and the shape it expects back.
+    """
+
+    __slots__ = ("method", "params", "waiters", "keys")
+
+    def __init__(self, method: str, params: list[Any] | None, keys: list[str] | None = None) -> None:
+        self.method, self.params, self.keys = method, params, keys
+        self.waiters: list[tuple[_Call, int, str]] = []
+
+    def alive(self) -> bool:
+        return any(c.waiting for c, _, _ in self.waiters)
+
+    def deliver(self, result: Any) -> None:
+        if self.keys is None:
+            for call, _, _ in self.waiters:
+                call.resolve(result)
+            return
+        ok = (
+            isinstance(result, dict)
+            and isinstance(result.get("value"), list)
+            and len(result["value"]) == len(self.keys)
+        )
+        for call, idx, kind in self.waiters:
+            acct = result["value"][idx] if ok else None
+            if not ok or not (acct is None or isinstance(acct, dict)):
+                call.resolve(error=UpstreamError(f"{call.method}: unexpected getMultipleAccounts reply shape"))
+            elif kind == "getBalance":
+                lamports = 0 if acct is None else acct.get("lamports")  # Solana answers 0 for no account
+                if isinstance(lamports, int) and not isinstance(lamports, bool):
+                    call.resolve({"context": result.get("context"), "value": lamports})
+                else:
+                    call.resolve(error=UpstreamError(f"getBalance: no lamports in merged reply: {lamports!r}"))
+            else:
+                call.resolve({"context": result.get("context"), "value": acct})
+
+    def fail(self, spec: _ErrSpec | RpcError) -> None:
+        for call, _, _ in self.waiters:
+            if isinstance(spec, RpcError):  # a fresh instance per caller: tracebacks stay apart
+                err: EdgeStateError = RpcError(spec.code, spec.rpc_message, spec.data)
+            else:
+                err = spec[0](spec[1])
+            call.resolve(error=err)
+
+
+class _Window:
+    """The calls of one batching window, deduped and merged (pure sync logic)."""
+
+    def __init__(self) -> None:
+        self.plain: dict[str, _Wire] = {}
+        # gMA config (canonical JSON) -> (config, pubkey -> [(call, kind)])
+        self.groups: dict[str, tuple[dict[str, Any], dict[str, list[tuple[_Call, str]]]]] = {}
+        self.calls = 0
+        self.wires = 0
+
+    def add(self, call: _Call) -> None:
+        self.calls += 1
+        merge = _merge_target(call)
+        if merge is None:
+            try:
+                key = json.dumps([call.method, call.params], sort_keys=True, separators=(",", ":"))
+            except (TypeError, ValueError) as exc:  # a caller bug: fail that caller, not the window
+                call.resolve(error=TypeError(f"{call.method}: params are not JSON-serializable: {exc}"))
+                return
+            if key not in self.plain:
+                self.plain[key] = _Wire(call.method, call.params)
+                self.wires += 1
+            self.plain[key].waiters.append((call, 0, call.method))
+            return
+        gkey, config, pubkey = merge
+        group = self.groups.setdefault(gkey, (config, {}))[1]
+        if pubkey not in group:
+            if len(group) % _GMA_MAX == 0:
+                self.wires += 1
+            group[pubkey] = []
+        group[pubkey].append((call, call.method))
+
+    def build(self) -> tuple[list[_Wire], int]:
+        """The wire items of this window and how many calls were merged."""
+        wires = list(self.plain.values())
+        merged = 0
+        for config, group in self.groups.values():
+            entries = list(group.items())
+            if len(entries) == 1 and len({kind for _, kind in entries[0][1]}) == 1:
+                first = entries[0][1][0][0]  # one key, one shape: send the call as it came
+                wire = _Wire(first.method, first.params)
+                wire.waiters = [(c, 0, k) for c, k in entries[0][1]]
+                wires.append(wire)
+                continue
+            for start in range(0, len(entries), _GMA_MAX):
+                chunk = entries[start : start + _GMA_MAX]
+                keys = [pk for pk, _ in chunk]
+                wire = _Wire("getMultipleAccounts", [keys, config] if config else [keys], keys)
+                wire.waiters = [(c, i, k) for i, (_, waiters) in enumerate(chunk) for c, k in waiters]
+                merged += len(wire.waiters)
+                wires.append(wire)
+        return wires, merged
+
+
+def _merge_target(call: _Call) -> tuple[str, dict[str, Any], str] | None:
+    """(group key, getMultipleAccounts config, pubkey) when ``call`` can be merged."""
+    if call.method not in ("getAccountInfo", "getBalance"):
+        return None
+    p = call.params
+    if not isinstance(p, list) or not 1 <= len(p) <= 2 or not isinstance(p[0], str):
+        return None
+    config = p[1] if len(p) == 2 else {}
+    if not isinstance(config, dict) or not set(config) <= _MERGE_CONFIG_KEYS:
+        return None
+    try:
+        Pubkey.from_string(p[0])
+    except ValueError:
+        return None  # sent alone, so its -32602 fails only this caller
+    if call.method == "getBalance":
+        if set(config) - {"commitment", "minContextSlot"}:
+            return None
+        config = {**config, **_BALANCE_SLICE}  # lamports only: no account data travels
+    return json.dumps(config, sort_keys=True), config, p[0]
+
+
+class _Batch:
+    __slots__ = ("wires", "priority")
+
+    def __init__(self, wires: list[_Wire], priority: Priority) -> None:
+        self.wires, self.priority = wires, priority
+
+
+class _Endpoint:
+    __slots__ = ("url", "label", "healthy", "failures", "last_error", "failed_at", "probe_at", "probe_delay")
+
+    def __init__(self, url: str) -> None:
+        self.url, self.label = url, redact(url)
+        self.healthy = True
+        self.failures = 0
+        self.last_error: str | None = None
+        self.failed_at = -math.inf
+        self.probe_at = 0.0
+        self.probe_delay = _PROBE_EVERY
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return min(max(float(value), 0.0), 60.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    date = email.utils.parsedate_to_datetime(resp.headers["date"]) if "date" in resp.headers else None
+    delta = (when - date).total_seconds() if date is not None else 1.0
+    return min(max(delta, 0.0), 60.0)
+
+
+def _rpc_error(obj: Any) -> RpcError | None:
+    if not isinstance(obj, dict):
+        return None
+    code, message = obj.get("code"), obj.get("message", "")
+    if not isinstance(code, int) or isinstance(code, bool) or not isinstance(message, str):
+        return None
+    return RpcError(code, message, obj.get("data"))
+
+
+class Pool:
+    """The only path to the Solana RPC provider.
+
+    Args:
+        cfg: upstream settings (URLs, connections, batching, retries, timeouts).
+        limiter: shared rate limiter; every attempt pays for each item it sends.
+        transport: optional httpx transport (tests pass ``httpx.MockTransport``).
+    """
+
+    def __init__(
+        self, cfg: UpstreamConfig, limiter: RateLimiter, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self._cfg = cfg
+        self._limiter = limiter
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._queues = {p: trio.open_memory_channel[_Call](cfg.max_queue) for p in Priority}
+        self._ready: dict[Priority, collections.deque[_Batch]] = {p: collections.deque() for p in Priority}
+        self._work_lot = trio.lowlevel.ParkingLot()  # idle workers
+        self._room_lot = trio.lowlevel.ParkingLot()  # batchers waiting for a free slot
+        self._endpoints = [_Endpoint(u) for u in cfg.rpc_urls]
+        self._window_s = cfg.batch_window_ms / 1000
+        # One attempt may use at most half the deadline, so a hung endpoint leaves time to fail over.
+        self._attempt_timeout = cfg.request_timeout / 2 if len(self._endpoints) > 1 else cfg.request_timeout
+        self._next_id = 0
+        self._active = 0
+        self._latency: collections.deque[float] = collections.deque(maxlen=1000)
+        self._by_method: collections.Counter[str] = collections.Counter()
+        self._n = collections.Counter[str]()
+
+    # ---- callers -------------------------------------------------------------------
+
+    async def execute(self, method: str, params: list[Any] | None = None, *, priority: Priority = Priority.USER) -> Any:
+        """Send one JSON-RPC call (batched with others) and return its ``result``.
+
+        Raises:
+            Overloaded: the queue is full (``retry_after`` hints when to come back).
+            UpstreamTimeout: no result within ``request_timeout`` (queue wait included).
+            RpcError: the provider answered this call with a JSON-RPC error object.
+            UpstreamError: bad status, malformed reply, or retries exhausted.
+        """
+        call = _Call(method, params, priority, trio.current_time() + self._cfg.request_timeout)
+        send = self._queues[priority][0]
+        try:
+            send.send_nowait(call)
+        except trio.WouldBlock:
+            self._n["overloaded"] += 1
+            hint = min(max(1.0, self._cfg.max_queue / self._cfg.max_requests_per_second), 30.0)
+            raise Overloaded(f"upstream queue full ({self._cfg.max_queue} calls waiting)", retry_after=hint) from None
+        except trio.ClosedResourceError:
+            raise UpstreamUnavailable("upstream pool is not running") from None
+        self._n["calls"] += 1
+        if len(self._by_method) < 200 or method in self._by_method:  # bounded: methods may come from clients
+            self._by_method[method] += 1
+        try:
+            with trio.move_on_at(call.deadline):
+                await call.done.wait()
+        finally:
+            call.gone = True  # also on cancellation: the worker just drops the result
+        if not call.done.is_set():
+            self._n["timeouts"] += 1
+            raise UpstreamTimeout(f"{method}: no upstream reply within {self._cfg.request_timeout:g}s")
+        if call.error is not None:
+            self._n["timeouts" if isinstance(call.error, UpstreamTimeout) else "errors"] += 1
+            raise call.error
+        return call.result
+
+    # ---- tasks ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the HTTP client, batchers, workers and health prober until cancelled."""
+        limits = httpx.Limits(max_connections=self._cfg.max_connections)
+        timeout = httpx.Timeout(self._cfg.request_timeout)
+        try:
+            async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=self._transport) as client:
+                self._client = client
+                async with trio.open_nursery() as nursery:
+                    for prio, (_, rx) in self._queues.items():
+                        nursery.start_soon(self._batcher, prio, rx)
+                    for _ in range(self._cfg.max_connections):
+                        nursery.start_soon(self._worker)
+                    nursery.start_soon(self._prober)
+                    task_status.started()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Refuse new calls and fail the queued ones (sync: safe in a cancelled finally)."""
+        err: _ErrSpec = (UpstreamUnavailable, "upstream pool stopped")
+        for send, rx in self._queues.values():
+            send.close()
+            while True:
+                try:
+                    rx.receive_nowait().resolve(error=err[0](err[1]))
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+        for queue in self._ready.values():
+            while queue:
+                for wire in queue.popleft().wires:
+                    wire.fail(err)
+
+    async def _batcher(self, priority: Priority, rx: trio.MemoryReceiveChannel[_Call]) -> None:
+        # One batcher per priority: state refreshes never queue behind user lookups.
+        max_calls = self._cfg.max_batch_size * _GMA_MAX
+        # With max_batch_size 1 the window stays open so reads can still merge.
+        close_at = self._cfg.max_batch_size if self._cfg.max_batch_size > 1 else math.inf
+        size = self._cfg.max_batch_size
+        async for first in rx:
+            if not first.waiting:
+                continue
+            window = _Window()
+            window.add(first)
+            with trio.move_on_at(trio.current_time() + self._window_s):
+                while window.wires < close_at and window.calls < max_calls:
+                    call = await rx.receive()
+                    if call.waiting:
+                        window.add(call)
+            wires, merged = window.build()
+            self._n["merged"] += merged
+            for start in range(0, len(wires), size):
+                await self._submit(_Batch(wires[start : start + size], priority))
+
+    async def _submit(self, batch: _Batch) -> None:
+        while sum(map(len, self._ready.values())) >= self._cfg.max_connections:
+            await self._room_lot.park()
+        batch.wires = [w for w in batch.wires if w.alive()]
+        if not batch.wires:
+            return
+        await self._limiter.acquire(self._cost(batch.wires), priority=batch.priority)
+        self._ready[batch.priority].append(batch)
+        self._n["batches"] += 1
+        self._n["batched_items"] += len(batch.wires)
+        self._work_lot.unpark()
+
+    def _cost(self, wires: list[_Wire]) -> float:
+        return float(sum(self._cfg.method_costs.get(w.method, 1) for w in wires))
+
+    def _take_ready(self) -> _Batch | None:
+        for prio in sorted(self._ready):
+            if self._ready[prio]:
+                self._room_lot.unpark_all()
+                return self._ready[prio].popleft()
+        return None
+
+    async def _worker(self) -> None:
+        while True:
+            batch = self._take_ready()
+            if batch is None:
+                await self._work_lot.park()
+                continue
+            self._active += 1
+            try:
+                await self._process(batch)
+            except Exception as exc:  # a bug must cost one batch, never the pool
+                log.exception("upstream worker failed on a batch: %s", type(exc).__name__)
+                for wire in batch.wires:
+                    wire.fail((UpstreamError, f"internal error handling {wire.method}: {type(exc).__name__}"))
+            finally:
+                self._active -= 1
+
+    # ---- one batch: attempts, retries, failover ------------------------------------
+
+    async def _process(self, batch: _Batch) -> None:
+        pending, floor, exclude = batch.wires, 0.0, None
+        error: _ErrSpec = (UpstreamError, "no attempt made")
+        for attempt in range(self._cfg.max_retries + 1):
+            if attempt:
+                delay = max(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)), floor)
+                deadline = max(c.deadline for w in pending for c, _, _ in w.waiters)
+                if trio.current_time() + delay >= deadline:
+                    break  # nobody would still be waiting for the answer
+                self._n["retries"] += 1
+                log.debug("retrying %d call(s) in %.2fs after %s", len(pending), delay, error[1])
+                await trio.sleep(delay)
+                pending = [w for w in pending if w.alive()]
+                if not pending:
+                    return
+                await self._limiter.acquire(self._cost(pending), priority=batch.priority)
+            pending = [w for w in pending if w.alive()]
+            if not pending:
+                return
+            endpoint = self._pick_endpoint(exclude)
+            retry, error, floor, failed = await self._attempt(endpoint, pending)
+            exclude = endpoint if failed else None
+            if not retry:
+                return
+            pending = retry
+        for wire in pending:
+            wire.fail(error)
+
+    async def _attempt(self, ep: _Endpoint, wires: list[_Wire]) -> tuple[list[_Wire], _ErrSpec, float, bool]:
+        """POST once. Returns (wires to retry, their error, minimum wait, endpoint failed)."""
+        assert self._client is not None
+        ids: dict[int, _Wire] = {}
+        items = []
+        for wire in wires:
+            self._next_id += 1
+            ids[self._next_id] = wire
+            items.append({"jsonrpc": "2.0", "id": self._next_id, "method": wire.method, "params": wire.params or []})
+        is_batch = len(items) > 1
+        body = json.dumps(items if is_batch else items[0], separators=(",", ":")).encode()
+        deadline = max(c.deadline for w in wires for c, _, _ in w.waiters)
+        timeout = min(deadline - trio.current_time(), self._attempt_timeout)
+        self._n["http_requests"] += 1
+        t0 = trio.current_time()
+        try:
+            with trio.fail_after(max(timeout, 0.0)):
+                resp = await self._client.post(ep.url, content=body, headers={"content-type": "application/json"})
+        except (trio.TooSlowError, httpx.TimeoutException):
+            self._endpoint_failed(ep, "ReadTimeout")
+            return wires, (UpstreamTimeout, f"no reply from {ep.label} within {timeout:.1f}s"), 0.0, True
+        except httpx.HTTPError as exc:  # str(exc) may hold the URL: report the type only
+            self._endpoint_failed(ep, type(exc).__name__)
+            return wires, (UpstreamUnavailable, f"{type(exc).__name__} talking to {ep.label}"), 0.0, True
+        self._latency.append(trio.current_time() - t0)
+        status = resp.status_code
+        if status >= 500:
+            self._endpoint_failed(ep, f"HTTP {status}")
+            return wires, (UpstreamError, f"HTTP {status} from {ep.label}"), 0.0, True
+        self._endpoint_ok(ep)
+        try:
+            reply = json.loads(resp.content) if status != 429 else None
+        except ValueError:
+            reply = ValueError
+        # An error object as the whole body: the batch's (or the single call's) answer.
+        whole = _rpc_error(reply.get("error")) if isinstance(reply, dict) else None
+        if status == 429 or (whole is not None and whole.code == 429):
+            wait = _retry_after(resp)
+            self._limiter.penalize(wait)
+            log.info("rate limited by %s (retry after %s)", ep.label, wait)
+            return wires, (UpstreamError, f"rate limited by {ep.label} (HTTP 429)"), wait or 0.0, False
+        if status == 408:
+            return wires, (UpstreamTimeout, f"HTTP 408 from {ep.label}"), 0.0, False
+        if status != 200:
+            return self._fail_all(wires, f"HTTP {status} from {ep.label}")
+        if reply is ValueError:
+            return self._fail_all(wires, f"malformed reply from {ep.label}: not JSON")
+        if whole is not None:
+            for wire in wires:
+                wire.fail(whole)
+            return [], (UpstreamError, ""), 0.0, False
+        if not is_batch:
+            if isinstance(reply, dict) and reply.get("id") is None:
+                reply = {**reply, "id": next(iter(ids))}  # a single call's reply is its own
+            reply = [reply]
+        if not isinstance(reply, list):
+            return self._fail_all(wires, f"malformed batch reply from {ep.label}: {type(reply).__name__}, not a list")
+        by_id = {it.get("id"): it for it in reply if isinstance(it, dict)}
+        retry = []
+        for rid, wire in ids.items():
+            item = by_id.get(rid)
+            if item is None:
+                wire.fail((UpstreamError, f"{wire.method}: no reply item with id {rid} from {ep.label}"))
+            elif "error" in item:
+                err = _rpc_error(item["error"])
+                if err is None:
+                    wire.fail((UpstreamError, f"{wire.method}: malformed error object from {ep.label}"))
+                elif err.code in _ItemRetry:
+                    retry.append(wire)
+                else:
+                    wire.fail(err)
+            elif "result" in item:
+                wire.deliver(item["result"])
+            else:
+                wire.fail((UpstreamError, f"{wire.method}: reply item has neither result nor error"))
+        if retry:
+            self._limiter.penalize(None)
+        return retry, (UpstreamError, f"rate limited by {ep.label} (item error 429)"), 0.0, False
+
+    def _fail_all(self, wires: list[_Wire], message: str) -> tuple[list[_Wire], _ErrSpec, float, bool]:
+        log.warning("%s", message)
+        for wire in wires:
+            wire.fail((UpstreamError, f"{wire.method}: {message}"))
+        return [], (UpstreamError, message), 0.0, False
+
+    # ---- endpoints -----------------------------------------------------------------
+
+    def _pick_endpoint(self, exclude: _Endpoint | None) -> _Endpoint:
+        healthy = [e for e in self._endpoints if e.healthy]
+        options = [e for e in healthy if e is not exclude] or healthy
+        if options:
+            return options[0]
+        # All down: still try, the one that failed longest ago first.
+        others = [e for e in self._endpoints if e is not exclude] or self._endpoints
+        return min(others, key=lambda e: e.failed_at)
+
+    def _endpoint_failed(self, ep: _Endpoint, why: str) -> None:
+        ep.failures += 1
+        ep.last_error = why
+        ep.failed_at = trio.current_time()
+        if ep.healthy and ep.failures >= _DOWN_AFTER:
+            ep.healthy = False
+            ep.probe_delay = _PROBE_EVERY
+            ep.probe_at = ep.failed_at + ep.probe_delay
+            log.warning("upstream %s marked down after %d failures (last: %s)", ep.label, ep.failures, why)
+
+    def _endpoint_ok(self, ep: _Endpoint) -> None:
+        ep.failures = 0
+        if not ep.healthy:
+            ep.healthy = True
+            log.warning("upstream %s is back up", ep.label)
+
+    async def _prober(self) -> None:
+        while True:
+            await trio.sleep(_PROBE_EVERY / 2)
+            for ep in self._endpoints:
+                if not ep.healthy and trio.current_time() >= ep.probe_at:
+                    await self._probe(ep)
+
+    async def _probe(self, ep: _Endpoint) -> None:
+        assert self._client is not None
+        await self._limiter.acquire(1.0, priority=Priority.STATE)
+        body = {"jsonrpc": "2.0", "id": 0, "method": "getHealth"}
+        try:
+            with trio.fail_after(min(self._cfg.request_timeout, 10.0)):
+                resp = await self._client.post(ep.url, json=body)
+            ok = resp.status_code == 200 and resp.json().get("result") == "ok"
+        except (trio.TooSlowError, httpx.HTTPError, ValueError, AttributeError):
+            ok = False
+        if ok:
+            self._endpoint_ok(ep)
+        else:
+            ep.probe_delay = min(ep.probe_delay * 2, _PROBE_CAP)
+            ep.probe_at = trio.current_time() + ep.probe_delay
+
+    # ---- observability -------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """A JSON-ready snapshot for /stats and /metrics (URLs redacted)."""
+        lat = sorted(self._latency)
+        pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1)) if lat else (lambda q: None)
+        rate = self._limiter.observed_rate()
+        n = self._n
+        return {
+            "connections": self._cfg.max_connections,
+            "active": self._active,
+            "idle": self._cfg.max_connections - self._active,
+            "queued": sum(s.statistics().current_buffer_used for s, _ in self._queues.values()),
+            "calls": n["calls"],
+            "http_requests": n["http_requests"],
+            "batches": n["batches"],
+            "avg_batch_size": round(n["batched_items"] / n["batches"], 2) if n["batches"] else 0.0,
+            "merged": n["merged"],
+            "errors": n["errors"],
+            "timeouts": n["timeouts"],
+            "retries": n["retries"],
+            "overloaded": n["overloaded"],
+            "latency_ms": {"p50": pick(0.5), "p99": pick(0.99)},
+            "calls_by_method": dict(self._by_method),
+            "endpoints": [
+                {"url": e.label, "healthy": e.healthy, "failures": e.failures, "last_error": e.last_error}
+                for e in self._endpoints
+            ],
+            "credits_per_second": round(rate, 3),
+            "projected_monthly_credits": round(rate * 30 * 86400),
+        }
+
+    def __repr__(self) -> str:
+        up = sum(e.healthy for e in self._endpoints)
+        return f"<Pool {self._active}/{self._cfg.max_connections} active, {up}/{len(self._endpoints)} endpoints up>"

@@ -1,0 +1,417 @@
+"""Pool: batching, merging, retries, failover, limits — against an httpx.MockTransport provider."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from edgestate.config import UpstreamConfig
+from edgestate.errors import Overloaded, RpcError, UpstreamError, UpstreamTimeout
+from edgestate.upstream.pool import Pool
+from edgestate.upstream.ratelimit import Priority, RateLimiter
+
+SECRET = "s3cr3t-KEY-123"
+URL = f"https://rpc.example.com/?api-key={SECRET}"
+URL2 = f"https://backup.example.com/?api-key={SECRET}"
+
+
+def _keys(n: int) -> list[str]:
+    from solders.pubkey import Pubkey
+
+    return [str(Pubkey.new_unique()) for _ in range(n)]
+
+
+class Provider:
+    """A fake Solana RPC: records each request body, answers by method, scriptable."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, Any]] = []
+        self.script: list[Callable[[httpx.Request, Any], httpx.Response | None]] = []
+        self.accounts: dict[str, dict[str, Any]] = {}
+        self.down: set[str] = set()  # hosts that answer 503
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.requests.append((str(request.url), body))
+        if request.url.host in self.down:
+            return httpx.Response(503, text="down")
+        if self.script:
+            scripted = self.script.pop(0)(request, body)
+            if scripted is not None:
+                return scripted
+        out = [self.answer(i) for i in body] if isinstance(body, list) else self.answer(body)
+        return httpx.Response(200, json=out)
+
+    def answer(self, item: dict[str, Any]) -> dict[str, Any]:
+        method, params, rid = item["method"], item.get("params"), item["id"]
+        ctx = {"slot": 42}
+        if method == "bad":
+            return {"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "Invalid params"}}
+        if method == "getHealth":
+            return {"jsonrpc": "2.0", "id": rid, "result": "ok"}
+        if method == "getAccountInfo":
+            result: Any = {"context": ctx, "value": self.accounts.get(params[0])}
+        elif method == "getBalance":
+            acct = self.accounts.get(params[0])
+            result = {"context": ctx, "value": acct["lamports"] if acct else 0}
+        elif method == "getMultipleAccounts":
+            result = {"context": ctx, "value": [self.accounts.get(k) for k in params[0]]}
+        else:
+            result = {"echo": [method, params]}
+        return {"jsonrpc": "2.0", "id": rid, "result": result}
+
+    def items(self) -> list[dict[str, Any]]:
+        return [i for _, b in self.requests for i in (b if isinstance(b, list) else [b])]
+
+    def methods(self) -> list[str]:
+        return [i["method"] for i in self.items()]
+
+
+def account(lamports: int) -> dict[str, Any]:
+    return {"lamports": lamports, "owner": "11111111111111111111111111111111", "data": ["", "base64"],
+            "executable": False, "rentEpoch": 0, "space": 0}
+
+
+def make_cfg(**kw: Any) -> UpstreamConfig:
+    base: dict[str, Any] = {"rpc_url": (URL,), "max_connections": 4, "request_timeout": 30.0, "max_retries": 3,
+                            "max_requests_per_second": 1_000_000.0}
+    base.update(kw)
+    return UpstreamConfig(**base)
+
+
+@pytest.fixture
+def provider() -> Provider:
+    return Provider()
+
+
+async def start(nursery: trio.Nursery, provider: Provider, *, rate: float = 1e6, **kw: Any) -> Pool:
+    cfg = make_cfg(**kw)
+    pool = Pool(cfg, RateLimiter(rate, name="rpc"), transport=httpx.MockTransport(provider))
+    await nursery.start(pool.run)
+    return pool
+
+
+async def gather(*fns: Callable[[], Any]) -> list[Any]:
+    """Run the thunks concurrently; each slot gets its result or exception."""
+    out: list[Any] = [None] * len(fns)
+
+    async def one(i: int) -> None:
+        try:
+            out[i] = await fns[i]()
+        except Exception as exc:
+            out[i] = exc
+
+    async with trio.open_nursery() as n:
+        for i in range(len(fns)):
+            n.start_soon(one, i)
+    return out
+
+
+@pytest.fixture
+async def pool(nursery: trio.Nursery, provider: Provider) -> AsyncIterator[Pool]:
+    yield await start(nursery, provider)
+
+
+# ---- batching ---------------------------------------------------------------------------
+
+
+async def test_window_batches_calls_and_routes_each_result(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
+    t0 = trio.current_time()
+    res = await gather(*[lambda i=i: pool.execute("getSlot", [{"n": i}]) for i in range(10)])
+    assert [r["echo"][1][0]["n"] for r in res] == list(range(10))  # each caller its own result
+    assert len(provider.requests) == 1 and len(provider.requests[0][1]) == 10
+    assert trio.current_time() - t0 == pytest.approx(0.1)  # one window, from the first call
+
+
+async def test_calls_after_the_window_go_in_a_second_request(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
+    async def late() -> Any:
+        await trio.sleep(0.15)
+        return await pool.execute("getSlot", [2])
+
+    await gather(lambda: pool.execute("getSlot", [1]), late)
+    assert len(provider.requests) == 2
+    assert all(not isinstance(b, list) for _, b in provider.requests)  # one item each: no array
+
+
+async def test_identical_calls_in_a_window_are_asked_once(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
+    res = await gather(*[lambda: pool.execute("getSlot", []) for _ in range(50)])
+    assert len({json.dumps(r) for r in res}) == 1
+    assert provider.methods() == ["getSlot"]
+
+
+async def test_max_batch_size_one_sends_no_arrays(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+    pool = await start(nursery, provider, max_batch_size=1)
+    res = await gather(*[lambda i=i: pool.execute("getSlot", [i]) for i in range(5)])
+    assert [r["echo"][1][0] for r in res] == list(range(5))
+    assert len(provider.requests) == 5 and all(isinstance(b, dict) for _, b in provider.requests)
+
+
+async def test_one_invalid_item_fails_only_its_caller(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
+    res = await gather(lambda: pool.execute("getSlot", [1]), lambda: pool.execute("bad", [2]),
+                       lambda: pool.execute("getSlot", [3]))
+    assert res[0]["echo"] == ["getSlot", [1]] and res[2]["echo"] == ["getSlot", [3]]
+    assert isinstance(res[1], RpcError) and res[1].code == -32602 and not res[1].retryable
+    assert len(provider.requests) == 1  # not retried
+
+
+async def test_reply_items_routed_by_id_not_position(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
+    def reversed_and_missing(request: httpx.Request, body: Any) -> httpx.Response:
+        out = [provider.answer(i) for i in body if i["params"] != [0]][::-1]
+        return httpx.Response(200, json=out)  # reversed, and no reply for call 0
+
+    provider.script.append(reversed_and_missing)
+    res = await gather(*[lambda i=i: pool.execute("getSlot", [i]) for i in range(3)])
+    assert isinstance(res[0], UpstreamError) and "no reply item" in str(res[0])
+    assert [r["echo"][1][0] for r in res[1:]] == [1, 2]
+
+
+# ---- merging ----------------------------------------------------------------------------
+
+
+async def test_200_account_reads_become_two_get_multiple_accounts(
+    autojump_clock: Any, pool: Pool, provider: Provider
+) -> None:
+    keys = _keys(200)
+    provider.accounts = {k: account(i) for i, k in enumerate(keys) if i % 2 == 0}
+    cfg = {"commitment": "confirmed", "encoding": "base64"}
+    res = await gather(*[lambda k=k: pool.execute("getAccountInfo", [k, cfg]) for k in keys])
+    assert provider.methods() == ["getMultipleAccounts", "getMultipleAccounts"]
+    assert len(provider.requests) == 1
+    for i, r in enumerate(res):
+        assert r["context"] == {"slot": 42}
+        assert r["value"] == (account(i) if i % 2 == 0 else None)
+    assert all(it["params"][1] == cfg and len(it["params"][0]) == 100 for it in provider.items())
+    assert pool.stats()["merged"] == 200
+
+
+async def test_get_balance_merged_without_data(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
+    keys = _keys(3)
+    provider.accounts = {keys[0]: account(5), keys[1]: account(7)}
+    c = {"commitment": "confirmed"}
+    res = await gather(*[lambda k=k: pool.execute("getBalance", [k, c]) for k in keys + [keys[0]]])
+    assert [r["value"] for r in res] == [5, 7, 0, 5]  # 0 for a missing account, like Solana
+    (item,) = provider.items()
+    assert item["method"] == "getMultipleAccounts" and sorted(item["params"][0]) == sorted(keys)  # dupes once
+    assert item["params"][1] == {"commitment": "confirmed", "encoding": "base64", "dataSlice": {"offset": 0, "length": 0}}
+
+
+async def test_incompatible_configs_and_invalid_keys_not_merged(
+    autojump_clock: Any, pool: Pool, provider: Provider
+) -> None:
+    a, b = _keys(2)
+    res = await gather(
+        lambda: pool.execute("getAccountInfo", [a, {"encoding": "base64"}]),
+        lambda: pool.execute("getAccountInfo", [b, {"encoding": "jsonParsed"}]),
+        lambda: pool.execute("getAccountInfo", ["not-a-key", {"encoding": "base64"}]),
+    )
+    assert sorted(provider.methods()) == ["getAccountInfo"] * 3
+    assert all(r["value"] is None for r in res)
+
+
+# ---- limits, timeouts -------------------------------------------------------------------
+
+
+async def test_overloaded_past_max_queue(autojump_clock: Any, provider: Provider) -> None:
+    pool = Pool(make_cfg(max_queue=3), RateLimiter(1e6), transport=httpx.MockTransport(provider))
+    async with trio.open_nursery() as n:  # not started yet: nothing drains the queue
+        for i in range(3):
+            n.start_soon(pool.execute, "getSlot", [i])
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(Overloaded) as info:
+            await pool.execute("getSlot", [9])
+        assert info.value.retry_after >= 1
+        assert pool.stats()["overloaded"] == 1 and pool.stats()["queued"] == 3
+        async with trio.open_nursery() as inner:
+            await inner.start(pool.run)
+            await trio.sleep(1)
+            inner.cancel_scope.cancel()
+    assert provider.methods() == ["getSlot"] * 3  # the queued ones were served
+
+
+async def test_per_call_timeout_frees_the_caller(autojump_clock: Any, nursery: trio.Nursery) -> None:
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(1000)
+        raise AssertionError  # pragma: no cover
+
+    pool = Pool(make_cfg(request_timeout=2.0), RateLimiter(1e6), transport=httpx.MockTransport(hang))
+    await nursery.start(pool.run)
+    t0 = trio.current_time()
+    with pytest.raises(UpstreamTimeout):
+        await pool.execute("getSlot")
+    assert trio.current_time() - t0 == pytest.approx(2.0)
+    assert pool.stats()["timeouts"] == 1
+
+
+async def test_rate_limit_counts_batch_items(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+    pool = await start(nursery, provider, rate=100)
+    t0 = trio.current_time()
+    await gather(*[lambda i=i: pool.execute("getSlot", [i]) for i in range(1000)])
+    elapsed = trio.current_time() - t0
+    assert len(provider.items()) == 1000
+    assert 8.5 <= elapsed <= 10.5  # 1,000 items at 100/s with a 100-token burst
+
+
+async def test_state_priority_not_behind_user(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+    pool = await start(nursery, provider, rate=10, max_batch_size=10)
+    done: dict[str, float] = {}
+
+    async def user(i: int) -> None:
+        await pool.execute("getSlot", [i])
+        done[f"u{i}"] = trio.current_time()
+
+    async def state() -> None:
+        await trio.sleep(0.5)
+        await pool.execute("getSlot", ["state"], priority=Priority.STATE)
+        done["state"] = trio.current_time()
+
+    async with trio.open_nursery() as n:
+        for i in range(100):
+            n.start_soon(user, i)
+        n.start_soon(state)
+    assert done["state"] < 3.0 < max(done.values())  # users take ~9 s at 10/s
+
+
+# ---- retries ----------------------------------------------------------------------------
+
+
+async def test_5xx_retried_with_backoff_then_error(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+    provider.down.add("rpc.example.com")
+    pool = await start(nursery, provider, max_retries=3)
+    t0 = trio.current_time()
+    with pytest.raises(UpstreamError) as info:
+        await pool.execute("getSlot")
+    assert len(provider.requests) == 4  # 1 + max_retries
+    assert "HTTP 503" in str(info.value) and SECRET not in str(info.value)
+    # window + full-jitter sleeps, each at most 0.1 * 2**attempt
+    assert trio.current_time() - t0 <= 0.1 + 0.2 + 0.4 + 0.8 + 1e-9
+    assert pool.stats()["retries"] == 3
+
+
+async def test_retry_then_success(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
+    provider.script += [lambda r, b: httpx.Response(502), lambda r, b: httpx.Response(500)]
+    assert (await pool.execute("getSlot"))["echo"] == ["getSlot", []]
+    assert len(provider.requests) == 3
+
+
+async def test_connection_error_retried_and_not_leaked(autojump_clock: Any, nursery: trio.Nursery) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(f"cannot connect to {request.url}")
+
+    pool = Pool(make_cfg(max_retries=2), RateLimiter(1e6), transport=httpx.MockTransport(refuse))
+    await nursery.start(pool.run)
+    with pytest.raises(UpstreamError) as info:
+        await pool.execute("getSlot")
+    assert "ConnectError" in str(info.value) and SECRET not in str(info.value)
+    assert SECRET not in json.dumps(pool.stats())
+
+
+async def test_429_honours_retry_after(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+    provider.script.append(lambda r, b: httpx.Response(429, headers={"Retry-After": "3"}))
+    limiter = RateLimiter(1e6)
+    pool = Pool(make_cfg(), limiter, transport=httpx.MockTransport(provider))
+    await nursery.start(pool.run)
+    t0 = trio.current_time()
+    await pool.execute("getSlot")
+    assert trio.current_time() - t0 >= 3.0
+    assert limiter.stats()["penalties"] == 1 and len(provider.requests) == 2
+
+
+async def test_jsonrpc_429_body_counts_as_429(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+    body = {"jsonrpc": "2.0", "error": {"code": 429, "message": "Too many requests for a specific RPC call"}}
+    provider.script.append(lambda r, b: httpx.Response(200, json=body))
+    limiter = RateLimiter(1e6)
+    pool = Pool(make_cfg(), limiter, transport=httpx.MockTransport(provider))
+    await nursery.start(pool.run)
+    res = await gather(lambda: pool.execute("getSlot", [1]), lambda: pool.execute("getSlot", [2]))
+    assert [r["echo"][1][0] for r in res] == [1, 2]
+    assert limiter.stats()["penalties"] == 1 and len(provider.requests) == 2
+
+
+async def test_malformed_bodies_fail_callers_and_pool_keeps_working(
+    autojump_clock: Any, pool: Pool, provider: Provider
+) -> None:
+    provider.script += [
+        lambda r, b: httpx.Response(200, text="<html>oops</html>"),
+        lambda r, b: httpx.Response(200, json={"result": "not a list"}),
+        lambda r, b: httpx.Response(200, json=[1, "x", None]),
+        lambda r, b: httpx.Response(200, json=[{"id": i["id"]} for i in b]),
+    ]
+    for expected in ("not JSON", "not a list", "no reply item", "neither result nor error"):
+        res = await gather(lambda: pool.execute("getSlot", [1]), lambda: pool.execute("getSlot", [2]))
+        assert all(isinstance(r, UpstreamError) and expected in str(r) for r in res), (expected, res)
+    assert (await pool.execute("getSlot"))["echo"] == ["getSlot", []]
+    assert len(provider.requests) == 5  # malformed replies are not retried
+
+
+async def test_cancelled_caller_does_not_block_workers(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
+    with trio.move_on_after(0.05):
+        await pool.execute("getSlot", [1])
+    await trio.sleep(1)
+    assert len(provider.requests) == 0  # nobody waited any more: nothing sent
+    assert (await pool.execute("getSlot", [2]))["echo"] == ["getSlot", [2]]
+
+
+# ---- failover ---------------------------------------------------------------------------
+
+
+async def test_failover_and_back_after_probe(
+    autojump_clock: Any, nursery: trio.Nursery, provider: Provider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edgestate.upstream")
+    provider.down.add("rpc.example.com")
+    pool = await start(nursery, provider, rpc_url=(URL, URL2))
+    for i in range(3):
+        assert (await pool.execute("getSlot", [i]))["echo"][1] == [i]  # retried on the backup
+    ep = pool.stats()["endpoints"]
+    assert ep[0]["healthy"] is False and ep[0]["last_error"] == "HTTP 503" and ep[1]["healthy"]
+    before = len(provider.requests)
+    await pool.execute("getSlot", [9])
+    assert [u for u, _ in provider.requests[before:]] == [URL2]  # the down one is skipped
+    provider.down.clear()
+    await trio.sleep(5)  # the prober's getHealth sees "ok"
+    assert pool.stats()["endpoints"][0]["healthy"] is True
+    before = len(provider.requests)
+    await pool.execute("getSlot", [10])
+    assert [u for u, _ in provider.requests[before:]] == [URL]
+    assert any(b.get("method") == "getHealth" for _, b in provider.requests if isinstance(b, dict))
+    text = caplog.text + json.dumps(pool.stats()) + repr(pool)
+    assert "marked down" in caplog.text and "back up" in caplog.text
+    assert SECRET not in text and "api-key=***" in json.dumps(pool.stats())
+
+
+async def test_all_endpoints_down_still_tried(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+    provider.down.update({"rpc.example.com", "backup.example.com"})
+    pool = await start(nursery, provider, rpc_url=(URL, URL2), max_retries=5)
+    for _ in range(3):
+        with pytest.raises(UpstreamError):
+            await pool.execute("getSlot")
+    assert not any(e["healthy"] for e in pool.stats()["endpoints"])
+    provider.down.discard("backup.example.com")
+    n = len(provider.requests)
+    assert (await pool.execute("getSlot"))["echo"] == ["getSlot", []]
+    assert len(provider.requests) > n
+
+
+async def test_stats_shape(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
+    await gather(*[lambda i=i: pool.execute("getSlot", [i]) for i in range(4)])
+    s = pool.stats()
+    assert s["calls"] == 4 and s["http_requests"] == 1 and s["batches"] == 1 and s["avg_batch_size"] == 4
+    assert s["calls_by_method"] == {"getSlot": 4} and s["connections"] == 4 and s["idle"] == 4
+    assert s["latency_ms"]["p50"] is not None and s["credits_per_second"] > 0
+    assert s["projected_monthly_credits"] > 0 and s["endpoints"][0]["url"].endswith("api-key=***")
+    json.dumps(s)
+
+
+async def test_program_accounts_cost_ten(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+    limiter = RateLimiter(1e6)
+    pool = Pool(make_cfg(), limiter, transport=httpx.MockTransport(provider))
+    await nursery.start(pool.run)
+    await gather(lambda: pool.execute("getProgramAccounts", ["x"]), lambda: pool.execute("getSlot"))
+    assert limiter.stats()["granted_cost"] == 11
