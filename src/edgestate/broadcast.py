@@ -52,6 +52,7 @@ class Client:
         "last_seen",
         "cancel_scope",
         "hub",
+        "unread",
     )
 
     def __init__(self, hub: Hub, sock: trio.socket.SocketType, peer: str) -> None:
@@ -66,6 +67,7 @@ class Client:
         self.closing = False
         self.last_seen = trio.current_time()
         self.cancel_scope = trio.CancelScope()
+        self.unread = b""  # bytes read with the handshake that belong to the first frames
 
     def send_state(self, frame: bytes) -> None:
         """Offer a state frame; conflated with any state frame still waiting."""

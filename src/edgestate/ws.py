@@ -171,36 +171,53 @@ async def serve_ws(stream: trio.SocketStream, hub: Hub, cfg: Config) -> None:
     """Run one /ws connection from handshake to close; never raises for peer errors."""
     peer = _peer(stream)
     started = trio.current_time()
+    client = await _handshake(stream, hub, cfg, peer)
+    if client is None:
+        await stream.aclose()
+        return
+    try:
+        await _receive_loop(stream, client, hub, cfg)
+    finally:
+        client.close(None)  # no-op when already closing; stops every further write
+        with trio.CancelScope(shield=True):
+            await _linger(stream)
+        access_log.info("ws %s closed after %.1fs", peer, trio.current_time() - started)
+
+
+async def _handshake(stream: trio.SocketStream, hub: Hub, cfg: Config, peer: str) -> Client | None:
+    """Answer the upgrade; the registered client, or None when refused."""
     try:
         head, rest = await _read_head(stream)
         _path, headers = _parse_head(head)
         key = _check_upgrade(headers, cfg)
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"sec-websocket-accept: " + wsframes.accept_key(key).encode() + b"\r\n\r\n"
+        )
     except HandshakeError as exc:
         try:
             await stream.send_all(_http_error(exc.status, exc.code, exc.message))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        return
+        return None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        return
-    try:
-        await stream.send_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
-            b"sec-websocket-accept: " + wsframes.accept_key(key).encode() + b"\r\n\r\n"
-        )
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return
+        return None
     client = Client(hub, stream.socket, peer)
+    client.unread = rest
     if hub.is_full():
         hub.refused_full += 1
         client.close(wsframes.CLOSE_TRY_AGAIN_LATER, "server full, try again later")
-        return
+        return None
     hub.add(client)
+    return client
+
+
+async def _receive_loop(stream: trio.SocketStream, client: Client, hub: Hub, cfg: Config) -> None:
     session = _Session(client, hub, cfg)
     parser = wsframes.FrameParser(cfg.ws.max_message_size)
+    data, client.unread = client.unread, b""
     try:
         with client.cancel_scope:
-            data = rest
             while True:
                 if data:
                     client.last_seen = trio.current_time()
@@ -208,20 +225,15 @@ async def serve_ws(stream: trio.SocketStream, hub: Hub, cfg: Config) -> None:
                         if not session.handle(event):
                             break
                     if client.closing:
-                        break
+                        return
                 data = await stream.receive_some(4096)
                 if not data:
-                    break
+                    return
     except wsframes.ProtocolError as exc:
-        log.debug("ws %s: protocol error: %s", peer, exc)
+        log.debug("ws %s: protocol error: %s", client.peer, exc)
         client.close(wsframes.CLOSE_PROTOCOL_ERROR, str(exc)[:100])
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
-    finally:
-        client.close(None)  # no-op when already closing; stops every further write
-        with trio.CancelScope(shield=True):
-            await _linger(stream)
-        access_log.info("ws %s closed after %.1fs", peer, trio.current_time() - started)
 
 
 async def _linger(stream: trio.SocketStream) -> None:

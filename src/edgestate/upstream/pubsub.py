@@ -74,10 +74,12 @@ class AccountSubscription:
             try:
                 await self._session()
                 failures = 0  # a session that ended cleanly (server closed) retries at once
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                    trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, PubSubError, ValueError) as exc:
+            except BaseException as exc:
+                error = _expected(exc)
+                if error is None:
+                    raise
                 failures += 1
-                self.last_error = f"{type(exc).__name__}: {redact(str(exc))}"[:200]
+                self.last_error = f"{type(error).__name__}: {redact(str(error))}"[:200]
                 log.warning("PubSub %s: %s", redact(self._url), self.last_error)
             finally:
                 if self.up:
@@ -160,6 +162,34 @@ class AccountSubscription:
             "notifications": self.notifications,
             "last_error": self.last_error,
         }
+
+
+_EXPECTED = (
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    trio_websocket.HandshakeError,
+    trio_websocket.ConnectionClosed,
+    PubSubError,
+    ValueError,
+)
+
+
+def _expected(exc: BaseException) -> BaseException | None:
+    """The network/protocol failure in ``exc`` (maybe inside the session's nursery group).
+
+    None when ``exc`` holds anything else (a bug, or Cancelled): that must propagate.
+    """
+    if isinstance(exc, _EXPECTED):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(_EXPECTED)
+        if matched is not None and rest is None:
+            while isinstance(matched, BaseExceptionGroup):
+                matched = matched.exceptions[0]
+            return matched
+    return None
 
 
 def _loads(text: str | bytes) -> dict[str, Any]:
