@@ -415,3 +415,29 @@ async def test_program_accounts_cost_ten(autojump_clock: Any, nursery: trio.Nurs
     await nursery.start(pool.run)
     await gather(lambda: pool.execute("getProgramAccounts", ["x"]), lambda: pool.execute("getSlot"))
     assert limiter.stats()["granted_cost"] == 11
+
+
+async def test_unserializable_params_fail_only_that_caller(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
+    res = await gather(lambda: pool.execute("getSlot", [object()]), lambda: pool.execute("getSlot", [1]))
+    assert isinstance(res[0], TypeError) and res[1]["echo"] == ["getSlot", [1]]
+
+
+async def test_stopped_pool_fails_queued_and_new_calls(autojump_clock: Any, provider: Provider) -> None:
+    pool = Pool(make_cfg(), RateLimiter(1e6), transport=httpx.MockTransport(provider))
+    async with trio.open_nursery() as n:
+        await n.start(pool.run)
+        n.cancel_scope.cancel()
+    with pytest.raises(UpstreamError, match="not running"):
+        await pool.execute("getSlot")
+
+
+async def test_callers_gone_before_rate_limit_grant_spend_nothing(
+    autojump_clock: Any, nursery: trio.Nursery, provider: Provider
+) -> None:
+    limiter = RateLimiter(1, burst=1)
+    pool = Pool(make_cfg(request_timeout=2.0, max_batch_size=1), limiter, transport=httpx.MockTransport(provider))
+    await nursery.start(pool.run)
+    res = await gather(*[lambda i=i: pool.execute("getSlot", [i]) for i in range(10)])
+    assert sum(isinstance(r, UpstreamTimeout) for r in res) >= 7
+    await trio.sleep(20)
+    assert len(provider.requests) <= 3 and limiter.stats()["granted"] <= 3

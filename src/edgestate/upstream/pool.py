@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +46,7 @@ _PROBE_CAP = 30.0
 _GMA_MAX = 100  # getMultipleAccounts accepts at most 100 keys
 _MERGE_CONFIG_KEYS = frozenset({"commitment", "encoding", "dataSlice", "minContextSlot"})
 _BALANCE_SLICE = {"encoding": "base64", "dataSlice": {"offset": 0, "length": 0}}
-_ItemRetry = frozenset({429})  # per-item error codes worth another attempt
+_ITEM_RETRY = frozenset({429})  # per-item error codes worth another attempt
 _ErrSpec = tuple[type[EdgeStateError], str]
 
 
@@ -360,22 +361,35 @@ class Pool:
             wires, merged = window.build()
             self._n["merged"] += merged
             for start in range(0, len(wires), size):
-                await self._submit(_Batch(wires[start : start + size], priority))
+                batch = _Batch(wires[start : start + size], priority)
+                try:
+                    await self._submit(batch)
+                except Exception as exc:  # a bug must cost one batch, never the pool
+                    self._crashed(batch, exc)
 
     async def _submit(self, batch: _Batch) -> None:
         while sum(map(len, self._ready.values())) >= self._cfg.max_connections:
             await self._room_lot.park()
-        batch.wires = [w for w in batch.wires if w.alive()]
-        if not batch.wires:
+        if not await self._pay(batch.wires, batch.priority):
             return
-        await self._limiter.acquire(self._cost(batch.wires), priority=batch.priority)
         self._ready[batch.priority].append(batch)
         self._n["batches"] += 1
         self._n["batched_items"] += len(batch.wires)
         self._work_lot.unpark()
 
-    def _cost(self, wires: list[_Wire]) -> float:
-        return float(sum(self._cfg.method_costs.get(w.method, 1) for w in wires))
+    async def _pay(self, wires: list[_Wire], priority: Priority) -> bool:
+        """Take limiter credits for the live ``wires``; False when nobody waits any more."""
+        wires[:] = [w for w in wires if w.alive()]
+        if not wires:
+            return False
+        cost = float(sum(self._cfg.method_costs.get(w.method, 1) for w in wires))
+        # Never spend credits on calls whose callers all gave up while we queued.
+        with trio.move_on_at(max(c.deadline for w in wires for c, _, _ in w.waiters)):
+            await self._limiter.acquire(cost, priority=priority)
+            return True
+        for wire in wires:
+            wire.fail((UpstreamTimeout, f"{wire.method}: rate limit wait outlasted the deadline"))
+        return False
 
     def _take_ready(self) -> _Batch | None:
         for prio in sorted(self._ready):
@@ -394,11 +408,17 @@ class Pool:
             try:
                 await self._process(batch)
             except Exception as exc:  # a bug must cost one batch, never the pool
-                log.exception("upstream worker failed on a batch: %s", type(exc).__name__)
-                for wire in batch.wires:
-                    wire.fail((UpstreamError, f"internal error handling {wire.method}: {type(exc).__name__}"))
+                self._crashed(batch, exc)
             finally:
                 self._active -= 1
+
+    def _crashed(self, batch: _Batch, exc: Exception) -> None:
+        # Type and place only: an exception's text may hold a URL with a key.
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        at = f" at {where.filename}:{where.lineno}" if where else ""
+        log.error("upstream batch failed: %s%s", type(exc).__name__, at)
+        for wire in batch.wires:
+            wire.fail((UpstreamError, f"internal error handling {wire.method}: {type(exc).__name__}"))
 
     # ---- one batch: attempts, retries, failover ------------------------------------
 
@@ -414,10 +434,8 @@ class Pool:
                 self._n["retries"] += 1
                 log.debug("retrying %d call(s) in %.2fs after %s", len(pending), delay, error[1])
                 await trio.sleep(delay)
-                pending = [w for w in pending if w.alive()]
-                if not pending:
+                if not await self._pay(pending, batch.priority):
                     return
-                await self._limiter.acquire(self._cost(pending), priority=batch.priority)
             pending = [w for w in pending if w.alive()]
             if not pending:
                 return
@@ -451,7 +469,7 @@ class Pool:
         except (trio.TooSlowError, httpx.TimeoutException):
             self._endpoint_failed(ep, "ReadTimeout")
             return wires, (UpstreamTimeout, f"no reply from {ep.label} within {timeout:.1f}s"), 0.0, True
-        except httpx.HTTPError as exc:  # str(exc) may hold the URL: report the type only
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:  # str(exc) may hold the URL
             self._endpoint_failed(ep, type(exc).__name__)
             return wires, (UpstreamUnavailable, f"{type(exc).__name__} talking to {ep.label}"), 0.0, True
         self._latency.append(trio.current_time() - t0)
@@ -497,7 +515,7 @@ class Pool:
                 err = _rpc_error(item["error"])
                 if err is None:
                     wire.fail((UpstreamError, f"{wire.method}: malformed error object from {ep.label}"))
-                elif err.code in _ItemRetry:
+                elif err.code in _ITEM_RETRY:
                     retry.append(wire)
                 else:
                     wire.fail(err)
