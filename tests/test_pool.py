@@ -75,13 +75,24 @@ class Provider:
 
 
 def account(lamports: int) -> dict[str, Any]:
-    return {"lamports": lamports, "owner": "11111111111111111111111111111111", "data": ["", "base64"],
-            "executable": False, "rentEpoch": 0, "space": 0}
+    return {
+        "lamports": lamports,
+        "owner": "11111111111111111111111111111111",
+        "data": ["", "base64"],
+        "executable": False,
+        "rentEpoch": 0,
+        "space": 0,
+    }
 
 
 def make_cfg(**kw: Any) -> UpstreamConfig:
-    base: dict[str, Any] = {"rpc_url": (URL,), "max_connections": 4, "request_timeout": 30.0, "max_retries": 3,
-                            "max_requests_per_second": 1_000_000.0}
+    base: dict[str, Any] = {
+        "rpc_url": (URL,),
+        "max_connections": 4,
+        "request_timeout": 30.0,
+        "max_retries": 3,
+        "max_requests_per_second": 1_000_000.0,
+    }
     base.update(kw)
     return UpstreamConfig(**base)
 
@@ -130,7 +141,9 @@ async def test_window_batches_calls_and_routes_each_result(autojump_clock: Any, 
     assert trio.current_time() - t0 == pytest.approx(0.1)  # one window, from the first call
 
 
-async def test_calls_after_the_window_go_in_a_second_request(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
+async def test_calls_after_the_window_go_in_a_second_request(
+    autojump_clock: Any, pool: Pool, provider: Provider
+) -> None:
     async def late() -> Any:
         await trio.sleep(0.15)
         return await pool.execute("getSlot", [2])
@@ -146,7 +159,9 @@ async def test_identical_calls_in_a_window_are_asked_once(autojump_clock: Any, p
     assert provider.methods() == ["getSlot"]
 
 
-async def test_max_batch_size_one_sends_no_arrays(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+async def test_max_batch_size_one_sends_no_arrays(
+    autojump_clock: Any, nursery: trio.Nursery, provider: Provider
+) -> None:
     pool = await start(nursery, provider, max_batch_size=1)
     res = await gather(*[lambda i=i: pool.execute("getSlot", [i]) for i in range(5)])
     assert [r["echo"][1][0] for r in res] == list(range(5))
@@ -154,8 +169,9 @@ async def test_max_batch_size_one_sends_no_arrays(autojump_clock: Any, nursery: 
 
 
 async def test_one_invalid_item_fails_only_its_caller(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
-    res = await gather(lambda: pool.execute("getSlot", [1]), lambda: pool.execute("bad", [2]),
-                       lambda: pool.execute("getSlot", [3]))
+    res = await gather(
+        lambda: pool.execute("getSlot", [1]), lambda: pool.execute("bad", [2]), lambda: pool.execute("getSlot", [3])
+    )
     assert res[0]["echo"] == ["getSlot", [1]] and res[2]["echo"] == ["getSlot", [3]]
     assert isinstance(res[1], RpcError) and res[1].code == -32602 and not res[1].retryable
     assert len(provider.requests) == 1  # not retried
@@ -199,7 +215,11 @@ async def test_get_balance_merged_without_data(autojump_clock: Any, pool: Pool, 
     assert [r["value"] for r in res] == [5, 7, 0, 5]  # 0 for a missing account, like Solana
     (item,) = provider.items()
     assert item["method"] == "getMultipleAccounts" and sorted(item["params"][0]) == sorted(keys)  # dupes once
-    assert item["params"][1] == {"commitment": "confirmed", "encoding": "base64", "dataSlice": {"offset": 0, "length": 0}}
+    assert item["params"][1] == {
+        "commitment": "confirmed",
+        "encoding": "base64",
+        "dataSlice": {"offset": 0, "length": 0},
+    }
 
 
 async def test_incompatible_configs_and_invalid_keys_not_merged(
@@ -281,7 +301,9 @@ async def test_state_priority_not_behind_user(autojump_clock: Any, nursery: trio
 # ---- retries ----------------------------------------------------------------------------
 
 
-async def test_5xx_retried_with_backoff_then_error(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+async def test_5xx_retried_with_backoff_then_error(
+    autojump_clock: Any, nursery: trio.Nursery, provider: Provider
+) -> None:
     provider.down.add("rpc.example.com")
     pool = await start(nursery, provider, max_retries=3)
     t0 = trio.current_time()

@@ -53,8 +53,14 @@ class Chain:
         if "dataSlice" in config:
             s = config["dataSlice"]
             data = data[s["offset"] : s["offset"] + s["length"]]
-        return {"lamports": lamports, "owner": owner, "data": [base64.b64encode(data).decode(), "base64"],
-                "executable": False, "rentEpoch": 0, "space": len(data)}
+        return {
+            "lamports": lamports,
+            "owner": owner,
+            "data": [base64.b64encode(data).decode(), "base64"],
+            "executable": False,
+            "rentEpoch": 0,
+            "space": len(data),
+        }
 
     def answer(self, item: dict[str, Any]) -> dict[str, Any]:
         self.items.append(item)
@@ -159,14 +165,23 @@ async def test_count_program_accounts(autojump_clock: Any, rpc: SolanaRpc, chain
     program = key()
     for _ in range(7):
         chain.accounts[key()] = (1, program, b"x" * 80)
-    filters = (types.MappingProxyType({"dataSize": 80}), types.MappingProxyType({"memcmp": {"offset": 8, "bytes": "3"}}))
+    filters = (
+        types.MappingProxyType({"dataSize": 80}),
+        types.MappingProxyType({"memcmp": {"offset": 8, "bytes": "3"}}),
+    )
     got = await rpc.count_program_accounts(program, filters)
     assert got == Slotted(7, 77)
     (item,) = chain.items
-    assert item["params"] == [program, {"commitment": "confirmed", "encoding": "base64",
-                                        "dataSlice": {"offset": 0, "length": 0},
-                                        "filters": [{"dataSize": 80}, {"memcmp": {"offset": 8, "bytes": "3"}}],
-                                        "withContext": True}]
+    assert item["params"] == [
+        program,
+        {
+            "commitment": "confirmed",
+            "encoding": "base64",
+            "dataSlice": {"offset": 0, "length": 0},
+            "filters": [{"dataSize": 80}, {"memcmp": {"offset": 8, "bytes": "3"}}],
+            "withContext": True,
+        },
+    ]
     chain.override = lambda item: [{"pubkey": key()}] * 3  # a provider ignoring withContext
     assert (await rpc.count_program_accounts(program, [], cached=False)).value == 3
 
@@ -178,10 +193,22 @@ async def test_count_program_accounts(autojump_clock: Any, rpc: SolanaRpc, chain
         ("get_balance", {"context": {"slot": 1}, "value": "1"}, "value"),
         ("get_balance", [1, 2], "expected an object"),
         ("get_account", {"context": {"slot": 1}, "value": {"lamports": 1}}, "owner"),
-        ("get_account", {"context": {"slot": 1}, "value": {"lamports": 1, "owner": SYSTEM,
-                                                            "data": ["!!", "base64"], "executable": False}}, "base64"),
-        ("get_account", {"context": {"slot": 1}, "value": {"lamports": 1, "owner": "xx",
-                                                            "data": ["", "base64"], "executable": False}}, "pubkey"),
+        (
+            "get_account",
+            {
+                "context": {"slot": 1},
+                "value": {"lamports": 1, "owner": SYSTEM, "data": ["!!", "base64"], "executable": False},
+            },
+            "base64",
+        ),
+        (
+            "get_account",
+            {
+                "context": {"slot": 1},
+                "value": {"lamports": 1, "owner": "xx", "data": ["", "base64"], "executable": False},
+            },
+            "pubkey",
+        ),
         ("get_multiple_accounts", {"context": {"slot": 1}, "value": [None]}, "list of 2"),
         ("get_multiple_accounts", {"context": {"slot": 1}, "value": [None, 7]}, "not an object"),
     ],
@@ -207,10 +234,17 @@ def add_mint(chain: Chain, program: str, decimals: int, extra: int = 0) -> str:
 
 
 def add_token_account(chain: Chain, program: str, wallet: str, mint: str, amount: int) -> None:
-    ata = get_associated_token_address(Pubkey.from_string(wallet), Pubkey.from_string(mint), Pubkey.from_string(program))
-    acct = TokenAccount(Pubkey.from_string(mint), Pubkey.from_string(wallet), amount, None,
-                        TokenAccountState.Initialized, None, 0, None)
-    chain.accounts[str(ata)] = (2_039_280, program, bytes(acct) + (b"\x00" * 20 if program == TOKEN_2022_PROGRAM_ID else b""))
+    ata = get_associated_token_address(
+        Pubkey.from_string(wallet), Pubkey.from_string(mint), Pubkey.from_string(program)
+    )
+    acct = TokenAccount(
+        Pubkey.from_string(mint), Pubkey.from_string(wallet), amount, None, TokenAccountState.Initialized, None, 0, None
+    )
+    chain.accounts[str(ata)] = (
+        2_039_280,
+        program,
+        bytes(acct) + (b"\x00" * 20 if program == TOKEN_2022_PROGRAM_ID else b""),
+    )
 
 
 @pytest.mark.parametrize("program", [TOKEN_PROGRAM_ID, TOKEN_2022_PROGRAM_ID])

@@ -18,7 +18,6 @@ import logging
 import math
 import random
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -26,14 +25,7 @@ import trio
 from solders.pubkey import Pubkey
 
 from ..config import UpstreamConfig, redact
-from ..errors import (
-    EdgeStateError,
-    Overloaded,
-    RpcError,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from ..errors import EdgeStateError, Overloaded, RpcError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .ratelimit import Priority, RateLimiter
 
 log = logging.getLogger("edgestate.upstream")
@@ -466,8 +458,8 @@ class Pool:
         try:
             with trio.fail_after(max(timeout, 0.0)):
                 resp = await self._client.post(ep.url, content=body, headers={"content-type": "application/json"})
-        except (trio.TooSlowError, httpx.TimeoutException):
-            self._endpoint_failed(ep, "ReadTimeout")
+        except (trio.TooSlowError, httpx.TimeoutException) as exc:
+            self._endpoint_failed(ep, "Timeout" if isinstance(exc, trio.TooSlowError) else type(exc).__name__)
             return wires, (UpstreamTimeout, f"no reply from {ep.label} within {timeout:.1f}s"), 0.0, True
         except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:  # str(exc) may hold the URL
             self._endpoint_failed(ep, type(exc).__name__)

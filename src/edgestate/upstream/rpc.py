@@ -11,7 +11,7 @@ import base64
 import binascii
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeGuard, TypeVar
 
 import trio
 from solders.pubkey import Pubkey
@@ -76,7 +76,7 @@ def _bad(method: str, detail: str) -> UpstreamError:
     return UpstreamError(f"{method}: unexpected reply shape: {detail}")
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -296,7 +296,7 @@ class SolanaRpc:
         # Only mint (0..32) and amount (64..72) are needed: slice the data.
         got = await self.get_multiple_accounts(unique, priority=priority, data_slice=(0, 72))
         amounts: dict[str, int] = {}
-        for ata, tok in zip(unique, got.value):
+        for ata, tok in zip(unique, got.value, strict=True):
             # Anything but a token account of this mint counts as "no account".
             if tok is None or tok.owner != acct.owner or len(tok.data) < 72 or tok.data[:32] != bytes(mint_key):
                 amounts[ata] = 0
@@ -313,4 +313,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
