@@ -387,6 +387,7 @@ async def test_failover_and_back_after_probe(
     autojump_clock: Any, nursery: trio.Nursery, provider: Provider, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="edgestate.upstream")
+    caplog.set_level(logging.INFO, logger="httpx")  # httpx logs each request URL at INFO
     provider.down.add("rpc.example.com")
     pool = await start(nursery, provider, rpc_url=(URL, URL2))
     for i in range(3):
@@ -405,6 +406,7 @@ async def test_failover_and_back_after_probe(
     assert any(b.get("method") == "getHealth" for _, b in provider.requests if isinstance(b, dict))
     text = caplog.text + json.dumps(pool.stats()) + repr(pool)
     assert "marked down" in caplog.text and "back up" in caplog.text
+    assert "HTTP Request: POST https://rpc.example.com/?api-key=***" in caplog.text
     assert SECRET not in text and "api-key=***" in json.dumps(pool.stats())
 
 

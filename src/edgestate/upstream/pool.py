@@ -42,6 +42,24 @@ _ITEM_RETRY = frozenset({429})  # per-item error codes worth another attempt
 _ErrSpec = tuple[type[EdgeStateError], str]
 
 
+class _RedactUrls(logging.Filter):
+    """httpx logs every request URL at INFO, and ours may hold an API key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact(str(a)) if isinstance(a, httpx.URL) or (isinstance(a, str) and "://" in a) else a
+                for a in record.args
+            )
+        return True
+
+
+def _redact_httpx_logs() -> None:
+    httpx_log = logging.getLogger("httpx")
+    if not any(isinstance(f, _RedactUrls) for f in httpx_log.filters):
+        httpx_log.addFilter(_RedactUrls())
+
+
 class _Call:
     """One caller's request and its one-shot result slot."""
 
@@ -245,6 +263,7 @@ class Pool:
     def __init__(
         self, cfg: UpstreamConfig, limiter: RateLimiter, *, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
+        _redact_httpx_logs()
         self._cfg = cfg
         self._limiter = limiter
         self._transport = transport
