@@ -271,8 +271,13 @@ def ensure_node_client() -> bool:
     return True
 
 
+COMMAND = ["python -m bench"]  # set by __main__ to the command line actually run
+
+
 def save_result(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    data.setdefault("command", COMMAND[0])
+    data["machine"]["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
     return path

@@ -158,7 +158,7 @@ worker_processes 1;
 worker_rlimit_nofile 20000;
 pid {d}/nginx.pid;
 error_log {d}/logs/error.log warn;
-events {{ worker_connections 19800; use epoll; multi_accept on; }}
+events {{ worker_connections 40000; use epoll; multi_accept on; }}
 http {{
   access_log off;
   client_body_temp_path {d}/tmp_body; proxy_temp_path {d}/tmp_proxy; fastcgi_temp_path {d}/tmp_fcgi;

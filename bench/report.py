@@ -1,0 +1,368 @@
+"""docs/benchmarks.md and docs/img/*.png from bench/results/*.json (real runs only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .common import DOCS, IMG, ROOT, load_results, machine_line
+
+
+def _fmt(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v != v:  # nan
+            return "–"
+        return f"{v:,.{nd}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _ratio(a: Any, b: Any) -> str:
+    try:
+        return f"{a / b:.2f}x"
+    except (TypeError, ZeroDivisionError):
+        return "–"
+
+
+def _footer(fig: Any, res: dict[str, Any]) -> None:
+    m = res["machine"]
+    fig.text(0.01, 0.005, f"{res.get('command', 'python -m bench')}  ·  {machine_line(m)}", fontsize=7, color="#555")
+
+
+def _plt() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        return plt
+    except ImportError:
+        return None
+
+
+# ------------------------------------------------------------------ fan-out
+def fanout_section(res: dict[str, Any], plt: Any) -> list[str]:
+    rows = res["rows"]
+    es = {r["n"]: r for r in rows if r["server"] == "edgestate"}
+    ng = {r["n"]: r for r in rows if r["server"] == "nchan"}
+    ns = sorted(es)
+    out = [
+        "## Fan-out: N WebSocket clients on one process, edgestate vs nginx+nchan",
+        "",
+        f"Command: `{res.get('command')}` · machine: {machine_line(res['machine'])} · "
+        f"{res['updates']} state changes per N, message {res.get('message_bytes', '?')} bytes "
+        "(the same `stateUpdate` JSON for both servers) · server pinned to core 0, Node `ws` load client "
+        "processes (≤ 4,500 connections per source address, 127.x.y.z) pinned to core 1.",
+        "",
+        "Latency runs from the wall clock just before the change is made (edgestate: `POST /control/jackpot` "
+        "at the simulator, which pushes the account change over PubSub to edgestate; nchan: the `POST` of the "
+        "message to nchan's publisher location) to the receipt of the frame carrying that value, for every "
+        "client and update. *last* = the slowest client of an update (median over the updates / worst). "
+        "CPU = utime+stime of the server process (nginx: its one worker) over the updates' window ÷ updates "
+        "(includes whatever else the server did meanwhile: pollers, timers). RSS/conn = (VmRSS with N − VmRSS "
+        "before any client) / N.",
+        "",
+        "| N | server | CPU/broadcast | CPU/client/broadcast | RSS/conn | p50 | p99 | last (median / worst) | missing | connect rate |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in ns:
+        for r in (es.get(n), ng.get(n)):
+            if not r:
+                continue
+            out.append(
+                f"| {n:,} | {r['server']} | {_fmt(r['cpu_per_broadcast_ms'])} ms | {_fmt(r['cpu_per_client_us'])} µs | "
+                f"{_fmt(r['rss_per_conn_kb'])} KB | {_fmt(r['p50_ms'])} ms | {_fmt(r['p99_ms'])} ms | "
+                f"{_fmt(r['last_ms_median'])} / {_fmt(r['last_ms_max'])} ms | {r['missing']:,} of {r['expected']:,} | "
+                f"{_fmt(r.get('connect_rate'), 0)}/s |"
+            )
+    if ng:
+        out += ["", "Ratios edgestate / nchan (same run; < 1 means edgestate is cheaper/faster):", "",
+                "| N | CPU per client | RSS per connection | last-client latency (median) | p99 |",
+                "|---:|---:|---:|---:|---:|"]
+        for n in ns:
+            if n in ng:
+                a, b = es[n], ng[n]
+                out.append(f"| {n:,} | {_ratio(a['cpu_per_client_us'], b['cpu_per_client_us'])} | "
+                           f"{_ratio(a['rss_per_conn_kb'], b['rss_per_conn_kb'])} | "
+                           f"{_ratio(a['last_ms_median'], b['last_ms_median'])} | {_ratio(a['p99_ms'], b['p99_ms'])} |")
+    selfrep = [r for r in es.values() if r.get("server_stats")]
+    if selfrep:
+        out += ["", "edgestate's own view (`/stats` broadcaster after the last update of each N): "
+                + "; ".join(f"N={r['n']:,}: fan-out loop {r['server_stats'].get('last_broadcast_ms')} ms wall / "
+                            f"{r['server_stats'].get('last_broadcast_cpu_ms')} ms CPU, conflated "
+                            f"{r['server_stats'].get('conflated')}, slow closed {r['server_stats'].get('slow_clients_closed')}"
+                            for r in sorted(selfrep, key=lambda r: r["n"])) + "."]
+    if plt:
+        fig, ax = plt.subplots(1, 3, figsize=(13, 4.2))
+        for name, d, style in (("edgestate", es, "o-"), ("nginx+nchan", ng, "s--")):
+            if not d:
+                continue
+            xs = sorted(d)
+            ax[0].plot(xs, [d[n]["cpu_per_client_us"] for n in xs], style, label=name)
+            ax[1].plot(xs, [d[n]["rss_per_conn_kb"] for n in xs], style, label=name)
+            ax[2].plot(xs, [d[n]["last_ms_median"] for n in xs], style, label=f"{name} last client")
+            ax[2].plot(xs, [d[n]["p50_ms"] for n in xs], style, alpha=0.4, label=f"{name} p50")
+        ax[0].set(title="server CPU per client per broadcast", xlabel="clients", ylabel="µs")
+        ax[1].set(title="server RSS per connection", xlabel="clients", ylabel="KB")
+        ax[2].set(title="delivery latency from upstream change", xlabel="clients", ylabel="ms")
+        for a in ax:
+            a.grid(alpha=0.3)
+            a.set_ylim(bottom=0)
+            a.legend(fontsize=8)
+        fig.suptitle("Fan-out on one process: edgestate vs nginx+nchan (same client, same message)")
+        _footer(fig, res)
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        fig.savefig(IMG / "fanout.png", dpi=100)
+        plt.close(fig)
+        out += ["", "![fan-out](img/fanout.png)"]
+    return out
+
+
+# ------------------------------------------------------------------ HTTP
+def http_section(res: dict[str, Any], plt: Any) -> list[str]:
+    rows = res["rows"]
+    out = [
+        "## HTTP: GET /api/state",
+        "",
+        f"Command: `{res.get('command')}` · machine: {machine_line(res['machine'])} · each row `wrk -t2 -c64 "
+        f"-d{res['duration_s']}s --latency` pinned to core 1, servers on core 0 · body {res.get('body_bytes')} bytes. "
+        "Upstream calls/s = the simulator's JSON-RPC calls and price requests per second during the run; "
+        f"with no HTTP load at all they were {res['idle']['upstream_rpc_per_s']} RPC calls/s + "
+        f"{res['idle']['upstream_price_per_s']} price requests/s. Origin req/s = edgestate's `/stats` "
+        "`api.requests` delta (what reached edgestate).",
+        "",
+        "| target | req/s | p50 | p99 | upstream RPC calls/s | upstream price req/s | origin req/s | server CPU | non-2xx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(f"| {r['target']} | {_fmt(r['rps'], 0)} | {_fmt(r['p50_ms'], 2)} ms | {_fmt(r['p99_ms'], 2)} ms | "
+                   f"{_fmt(r['upstream_rpc_per_s'], 2)} | {_fmt(r['upstream_price_per_s'], 2)} | "
+                   f"{_fmt(r['origin_requests_per_s'], 1)} | {_fmt(r['server_cpu_pct'])} % | {r['non_2xx']} |")
+    es = next((r for r in rows if r["target"].startswith("edgestate GET /api/state")), None)
+    st = next((r for r in rows if r["target"].startswith("nginx static")), None)
+    if es and st:
+        out += ["", f"edgestate / nginx static file: {_ratio(es['rps'], st['rps'])} the requests/s, "
+                f"{_ratio(es['p99_ms'], st['p99_ms'])} the p99."]
+    if plt and rows:
+        fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
+        labels = [r["target"].replace(" -> ", "\n→ ").replace(" (", "\n(") for r in rows]
+        ax[0].barh(labels, [r["rps"] or 0 for r in rows], color="#4c72b0")
+        ax[0].set(title="requests/s (wrk -t2 -c64)", xlabel="req/s")
+        ax[1].barh(labels, [r["p99_ms"] or 0 for r in rows], color="#dd8452", label="p99")
+        ax[1].barh(labels, [r["p50_ms"] or 0 for r in rows], color="#55a868", label="p50")
+        ax[1].set(title="latency", xlabel="ms")
+        ax[1].legend(fontsize=8)
+        for a in ax:
+            a.invert_yaxis()
+            a.tick_params(axis="y", labelsize=7)
+            a.grid(alpha=0.3, axis="x")
+        fig.suptitle("HTTP GET /api/state: edgestate vs nginx (same bytes)")
+        _footer(fig, res)
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        fig.savefig(IMG / "http.png", dpi=100)
+        plt.close(fig)
+        out += ["", "![http](img/http.png)"]
+    return out
+
+
+# ------------------------------------------------------------------ amplification
+def amplification_section(res: dict[str, Any], plt: Any) -> list[str]:
+    rows = res["rows"]
+    out = [
+        "## Upstream amplification: users → edgestate → provider",
+        "",
+        f"Command: `{res.get('command')}` · machine: {machine_line(res['machine'])} · each user holds a "
+        f"WebSocket to edgestate and polls `GET /api/state` every {res['poll_period_s']:.0f} s through nginx "
+        f"`proxy_cache` (kept as a rate, users/{res['poll_period_s']:.0f} per second, over a "
+        f"{res['window_s']:.0f} s window); the jackpot changes every second meanwhile (pushed to every "
+        "WebSocket). *Before* = the same pollers sent straight to the provider (JSON-RPC `getBalance`, "
+        "`POST /` at the simulator), measured; the simulator's counter then also holds edgestate's own "
+        "background calls (~the idle rate of the *after* column).",
+        "",
+        "| users | polls/s sent | after: reaching edgestate /s | after: upstream calls/s | edgestate CPU | edgestate RSS | before: upstream calls/s | poll p99 (after / before) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        a, b = r["after"], r["before"]
+        out.append(f"| {r['users']:,} | {_fmt(a['polls_sent_per_s'])} | {_fmt(a['origin_requests_per_s'], 2)} | "
+                   f"{_fmt(a['upstream_calls_per_s'], 2)} | {_fmt(a['origin_cpu_pct'])} % | {_fmt(r['edgestate_rss_mb'])} MB | "
+                   f"{_fmt(b['upstream_calls_per_s'], 1)} | {_fmt(a['poll_p99_ms'])} / {_fmt(b['poll_p99_ms'])} ms |")
+    if plt and rows:
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        us = [r["users"] for r in rows]
+        ax.plot(us, [r["before"]["upstream_calls_per_s"] for r in rows], "s--", color="#c44e52", label="before: pollers → provider")
+        ax.plot(us, [r["after"]["origin_requests_per_s"] for r in rows], "^-", color="#8172b2", label="after: requests reaching edgestate")
+        ax.plot(us, [r["after"]["upstream_calls_per_s"] for r in rows], "o-", color="#4c72b0", label="after: edgestate → provider")
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set(xlabel="simulated users (WebSocket + poll every 30 s)", ylabel="per second",
+               title="Upstream amplification (nginx proxy_cache in front)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        _footer(fig, res)
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        fig.savefig(IMG / "amplification.png", dpi=100)
+        plt.close(fig)
+        out += ["", "![amplification](img/amplification.png)"]
+    return out
+
+
+# ------------------------------------------------------------------ balances
+def balances_section(res: dict[str, Any], plt: Any) -> list[str]:
+    rows = res["rows"]
+    out = [
+        "## Balances: POST /api/tokens/balances",
+        "",
+        f"Command: `{res.get('command')}` · machine: {machine_line(res['machine'])} · half the wallets hold "
+        "an SPL token account of a fresh mint, half none. *cold* = first request for these wallets; *warm* = "
+        "the same request repeated 10 times (per-(wallet, mint) cache). Upstream = the simulator's "
+        "`rpc_methods` delta (background pollers landing in the window show up too).",
+        "",
+        "| wallets | funded | cold latency | upstream calls (cold) | warm p50 / max | upstream calls (warm ×10) |",
+        "|---:|---:|---:|---|---:|---|",
+    ]
+    for r in rows:
+        cm = ", ".join(f"{k} {v}" for k, v in sorted(r["cold_methods"].items()) if not k.startswith("("))
+        wm = ", ".join(f"{k} {v}" for k, v in sorted(r["warm_methods"].items()) if not k.startswith("(")) or "none"
+        out.append(f"| {r['wallets']:,} | {r['funded']:,} | {_fmt(r['cold_ms'])} ms | {cm} | "
+                   f"{_fmt(r['warm_p50_ms'])} / {_fmt(r['warm_max_ms'])} ms | {wm} |")
+    if plt and rows:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ws = [str(r["wallets"]) for r in rows]
+        x = range(len(ws))
+        ax.bar([i - 0.2 for i in x], [r["cold_ms"] for r in rows], 0.4, label="cold")
+        ax.bar([i + 0.2 for i in x], [r["warm_p50_ms"] for r in rows], 0.4, label="warm p50")
+        for i, r in enumerate(rows):
+            ax.annotate(f"{r['cold_account_calls']} account calls", (i - 0.2, r["cold_ms"]), ha="center",
+                        va="bottom", fontsize=7)
+        ax.set_xticks(list(x), ws)
+        ax.set(xlabel="wallets per request", ylabel="ms", title="POST /api/tokens/balances")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        _footer(fig, res)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        fig.savefig(IMG / "balances.png", dpi=100)
+        plt.close(fig)
+        out += ["", "![balances](img/balances.png)"]
+    return out
+
+
+# ------------------------------------------------------------------ soak
+def soak_section(res: dict[str, Any], plt: Any) -> list[str]:
+    chunks = res["chunks"]
+    missing = sum(c["missing"] for c in chunks)
+    expected = sum(c["expected"] for c in chunks)
+    rss = [s["rss_kb"] for s in res["samples"]]
+    out = [
+        "## Soak",
+        "",
+        f"Command: `{res.get('command')}` · machine: {machine_line(res['machine'])} · {res['n']:,} clients, "
+        f"{res['minutes']:g} minutes, a state change every {res['period_s']:g} s. RSS from "
+        f"{min(rss) / 1024:.1f} to {max(rss) / 1024:.1f} MB (first sample {rss[0] / 1024:.1f}, last "
+        f"{rss[-1] / 1024:.1f}); missing deliveries {missing:,} of {expected:,}; worst p99 "
+        f"{max(c['p99_ms'] for c in chunks):.1f} ms; slow clients closed "
+        f"{chunks[-1]['slow_closed']}; subscribers at the end {chunks[-1]['subscribers']:,}.",
+    ]
+    if plt and rss:
+        fig, ax = plt.subplots(figsize=(7.5, 4))
+        ax.plot([s["t_s"] for s in res["samples"]], [v / 1024 for v in rss])
+        ax.set(xlabel="seconds", ylabel="edgestate RSS (MB)", title=f"Soak: {res['n']:,} clients, change every {res['period_s']:g} s")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        _footer(fig, res)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        fig.savefig(IMG / "soak.png", dpi=100)
+        plt.close(fig)
+        out += ["", "![soak](img/soak.png)"]
+    return out
+
+
+# ------------------------------------------------------------------ expected results
+def expected_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    out = ["## The seed's \"Expected Results\", measured", "",
+           "| seed's claim | measured | holds at | source |", "|---|---|---|---|"]
+    amp = results.get("amplification")
+    if amp and amp["rows"]:
+        worst = max(amp["rows"], key=lambda r: r["after"]["upstream_calls_per_s"])
+        top = max(r["users"] for r in amp["rows"])
+        ok = worst["after"]["upstream_calls_per_s"]
+        out.append(f"| upstream API calls < 10 req/s (goal ≤ 1) | at most {ok:.2f} calls/s (vs "
+                   f"{max(r['before']['upstream_calls_per_s'] for r in amp['rows']):.0f}/s before) | "
+                   f"{'every' if ok <= 1 else 'under 10 at every'} user count measured, up to {top:,} users | amplification |")
+    http = results.get("http")
+    if http:
+        r = next((r for r in http["rows"] if r["target"].startswith("edgestate GET /api/state")), None)
+        c = next((r for r in http["rows"] if "proxy_cache" in r["target"]), None)
+        if r:
+            out.append(f"| response time < 100 ms (cached) | p99 {r['p99_ms']:.1f} ms at {r['rps']:,.0f} req/s direct"
+                       + (f"; p99 {c['p99_ms']:.1f} ms behind proxy_cache" if c else "")
+                       + " | 64 concurrent connections, wrk | http |")
+    fan = results.get("fanout")
+    soak = results.get("soak")
+    es_rows = [r for r in (fan or {}).get("rows", []) if r["server"] == "edgestate"]
+    if es_rows:
+        top = max(es_rows, key=lambda r: r["n"])
+        per = top["rss_per_conn_kb"]
+        out.append(f"| memory < 500 MB per instance | {top['rss_kb'] / 1024:.0f} MB RSS with {top['n']:,} clients "
+                   f"({per:.1f} KB/connection, idle process {top['rss_idle_kb'] / 1024:.0f} MB) → "
+                   f"~{(top['rss_idle_kb'] + per * 100_000) / 1024:.0f} MB projected at 100k | "
+                   f"{top['n']:,} clients measured on one process (open-files cap 20,000) | fanout |")
+    if soak:
+        samples = soak["samples"]
+        dur = samples[-1]["t_s"] - samples[0]["t_s"] if len(samples) > 1 else 0
+        cpu = (samples[-1]["cpu_s"] - samples[0]["cpu_s"]) / dur * 100 if dur else float("nan")
+        out.append(f"| CPU < 20 % per instance | {cpu:.1f} % of one core with {soak['n']:,} clients and a change "
+                   f"every {soak['period_s']:g} s | {soak['n']:,} clients | soak |")
+    elif amp and amp["rows"]:
+        for r in amp["rows"]:
+            pass
+        cpus = ", ".join(f"{r['after']['origin_cpu_pct']:.0f} % at {r['users']:,}" for r in amp["rows"])
+        out.append(f"| CPU < 20 % per instance | {cpus} users (a change every second + polls through the CDN, "
+                   f"% of one core) | see left | amplification |")
+    if es_rows:
+        out.append("| CPU per broadcast | " + ", ".join(f"{r['cpu_per_broadcast_ms']:.0f} ms at {r['n']:,}" for r in
+                                                       sorted(es_rows, key=lambda r: r["n"]))
+                   + " clients (one core) | – | fanout |")
+    return out
+
+
+def write() -> Path:
+    results = load_results()
+    IMG.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    lines = [
+        "# edgestate benchmarks",
+        "",
+        "Generated by `python -m bench` (bench/) from the results of real runs in `bench/results/*.json`; "
+        "nothing here is typed in by hand. Rerun: `pip install -e '.[bench]'` then `python -m bench all --quick` "
+        "(< 3 minutes) or `--full`; one scenario: `python -m bench fanout|http|amplification|balances|soak`. "
+        "The harness installs nginx, libnginx-mod-nchan and wrk with apt-get and the Node `ws` client with npm "
+        "when missing, runs everything on loopback, and stops what it started.",
+        "",
+        "All figures below come from one machine, named with each table; loopback only, so network latency is "
+        "absent and both the server and the load client share one box (server on core 0, clients on core 1). "
+        "Other processes on the machine (e.g. a test suite) show up as noise; the load average at the end of "
+        "each run is in its results file.",
+        "",
+    ]
+    lines += expected_section(results) + [""]
+    for name, fn in (("fanout", fanout_section), ("http", http_section), ("amplification", amplification_section),
+                     ("balances", balances_section), ("soak", soak_section)):
+        if name in results:
+            lines += fn(results[name], plt) + [""]
+        else:
+            lines += [f"## {name}", "", f"Not run yet: `python -m bench {name}`.", ""]
+    lines += [
+        "## Load-testing your own deployment",
+        "",
+        "`bench/locustfile.py` is a ready-made Locust scenario (GET /api/state, GET /api/price/<mint>, "
+        "POST /api/tokens/balances, and /ws clients): `pip install locust websocket-client`, then "
+        "`locust -f bench/locustfile.py --host https://your-edge.example` (see the top of the file).",
+        "",
+    ]
+    path = DOCS / "benchmarks.md"
+    path.write_text("\n".join(lines))
+    return path.relative_to(ROOT)
