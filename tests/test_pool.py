@@ -465,3 +465,31 @@ async def test_callers_gone_before_rate_limit_grant_spend_nothing(
     assert sum(isinstance(r, UpstreamTimeout) for r in res) >= 7
     await trio.sleep(20)
     assert len(provider.requests) <= 3 and limiter.stats()["granted"] <= 3
+
+
+async def test_stopping_the_pool_fails_waiting_callers_at_once(autojump_clock: Any) -> None:
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(1000)
+        raise AssertionError  # pragma: no cover
+
+    pool = Pool(make_cfg(), RateLimiter(1e6), transport=httpx.MockTransport(hang))
+    res: list[Any] = []
+
+    async def call(i: int) -> None:
+        try:
+            await pool.execute("getSlot", [i])
+        except UpstreamError as exc:
+            res.append(exc)
+
+    async with trio.open_nursery() as outer:
+        for i in range(3):
+            outer.start_soon(call, i)
+        async with trio.open_nursery() as n:
+            await n.start(pool.run)
+            await trio.sleep(1)  # in flight at the provider
+            outer.start_soon(call, 3)
+            await trio.sleep(0.05)  # in the batching window
+            n.cancel_scope.cancel()
+        t0 = trio.current_time()
+    assert trio.current_time() == t0 and len(res) == 4
+    assert all("pool stopped" in str(r) for r in res)

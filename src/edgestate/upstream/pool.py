@@ -278,6 +278,7 @@ class Pool:
         self._attempt_timeout = cfg.request_timeout / 2 if len(self._endpoints) > 1 else cfg.request_timeout
         self._next_id = 0
         self._active = 0
+        self._pending: set[_Call] = set()  # every caller still waiting, to fail them on shutdown
         self._latency: collections.deque[float] = collections.deque(maxlen=1000)
         self._by_method: collections.Counter[str] = collections.Counter()
         self._n = collections.Counter[str]()
@@ -306,11 +307,13 @@ class Pool:
         self._n["calls"] += 1
         if len(self._by_method) < 200 or method in self._by_method:  # bounded: methods may come from clients
             self._by_method[method] += 1
+        self._pending.add(call)
         try:
             with trio.move_on_at(call.deadline):
                 await call.done.wait()
         finally:
             call.gone = True  # also on cancellation: the worker just drops the result
+            self._pending.discard(call)
         if not call.done.is_set():
             self._n["timeouts"] += 1
             raise UpstreamTimeout(f"{method}: no upstream reply within {self._cfg.request_timeout:g}s")
@@ -339,19 +342,14 @@ class Pool:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        """Refuse new calls and fail the queued ones (sync: safe in a cancelled finally)."""
-        err: _ErrSpec = (UpstreamUnavailable, "upstream pool stopped")
-        for send, rx in self._queues.values():
+        """Refuse new calls and fail every waiting one (sync: safe in a cancelled finally)."""
+        for send, _ in self._queues.values():
             send.close()
-            while True:
-                try:
-                    rx.receive_nowait().resolve(error=err[0](err[1]))
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
         for queue in self._ready.values():
-            while queue:
-                for wire in queue.popleft().wires:
-                    wire.fail(err)
+            queue.clear()
+        # Queued, in a window, or in flight: nobody will answer them now.
+        for call in list(self._pending):
+            call.resolve(error=UpstreamUnavailable(f"{call.method}: upstream pool stopped"))
 
     async def _batcher(self, priority: Priority, rx: trio.MemoryReceiveChannel[_Call]) -> None:
         # One batcher per priority: state refreshes never queue behind user lookups.
