@@ -23,7 +23,7 @@ def _methods(stack: Stack) -> Counter[str]:
     return Counter({**c["rpc_methods"], "(rpc_calls)": c["rpc_calls"], "(http_requests)": c["http_requests"]})
 
 
-def run(sizes: list[int], warm_repeats: int = 10) -> dict[str, Any]:
+def run(sizes: list[int], warm_repeats: int = 10, save: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine(), "sizes": sizes, "rows": []}
     with Procs() as procs:
         stack = Stack(procs)
@@ -63,5 +63,6 @@ def run(sizes: list[int], warm_repeats: int = 10) -> dict[str, Any]:
                    "cold_methods": delta_cold, "warm_methods": delta_warm, "cold_account_calls": account_calls}
             result["rows"].append(row)
             log(f"  balances {n}: cold {row['cold_ms']} ms ({delta_cold}), warm p50 {row['warm_p50_ms']} ms ({delta_warm})")
-    save_result("balances", result)
+    if save:
+        save_result("balances", result)
     return result

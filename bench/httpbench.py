@@ -9,7 +9,7 @@ import time
 import urllib.request
 from typing import Any
 
-from .common import CLIENT_CPUS, NCPU, Procs, cpu_s, log, machine, save_result
+from .common import CLIENT_CPUS, NCPU, ROOT, SERVER_CPUS, Procs, cpu_s, free_port, log, machine, python, save_result, wait_http
 from .stack import Stack
 
 TOKEN_MINT = "4zMMC9srt5Ri5X14GAgXhaHii3GnPAEERYPJgZJDncDU"  # config.toml's default token.mint
@@ -88,6 +88,16 @@ def run(duration: int = 10, with_nginx: bool = True) -> dict[str, Any]:
                           "upstream_price_per_s": round((price1 - price0) / duration, 2)}
         log(f"http: idle upstream {result['idle']}")
         es, ng = stack.es, stack.ng
+        # Baseline in the same run: a bare ASGI callable on Hypercorn's trio worker, same bytes.
+        body_file = stack.dir / "state.json"
+        body_file.write_bytes(body)
+        bare_port = free_port()
+        bare = procs.start("bare-asgi", [python(), "-m", "bench.bare_asgi", f"127.0.0.1:{bare_port}"],
+                           cpus=SERVER_CPUS, env={"BENCH_BODY_FILE": str(body_file), "PYTHONPATH": str(ROOT)})
+        wait_http(f"http://127.0.0.1:{bare_port}/")
+        result["rows"].append(_measure(stack, "bare ASGI on Hypercorn trio (same bytes)", f"http://127.0.0.1:{bare_port}/api/state",
+                                       duration, bare.pid))
+        procs.stop(bare)
         result["rows"].append(_measure(stack, "edgestate GET /api/state", es + "/api/state", duration, stack.es_pid))
         result["rows"].append(_measure(stack, f"edgestate GET /api/price/<mint>", f"{es}/api/price/{TOKEN_MINT}",
                                        duration, stack.es_pid))

@@ -32,6 +32,12 @@ def _footer(fig: Any, res: dict[str, Any]) -> None:
     fig.text(0.01, 0.005, f"{res.get('command', 'python -m bench')}  ·  {machine_line(m)}", fontsize=7, color="#555")
 
 
+def _kfmt() -> Any:
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0")
+
+
 def _plt() -> Any:
     try:
         import matplotlib
@@ -98,20 +104,21 @@ def fanout_section(res: dict[str, Any], plt: Any) -> list[str]:
                             for r in sorted(selfrep, key=lambda r: r["n"])) + "."]
     if plt:
         fig, ax = plt.subplots(1, 3, figsize=(13, 4.2))
-        for name, d, style in (("edgestate", es, "o-"), ("nginx+nchan", ng, "s--")):
+        for name, d, style, color in (("edgestate", es, "o-", "#1f77b4"), ("nginx+nchan", ng, "s--", "#ff7f0e")):
             if not d:
                 continue
             xs = sorted(d)
-            ax[0].plot(xs, [d[n]["cpu_per_client_us"] for n in xs], style, label=name)
-            ax[1].plot(xs, [d[n]["rss_per_conn_kb"] for n in xs], style, label=name)
-            ax[2].plot(xs, [d[n]["last_ms_median"] for n in xs], style, label=f"{name} last client")
-            ax[2].plot(xs, [d[n]["p50_ms"] for n in xs], style, alpha=0.4, label=f"{name} p50")
+            ax[0].plot(xs, [d[n]["cpu_per_client_us"] for n in xs], style, color=color, label=name)
+            ax[1].plot(xs, [d[n]["rss_per_conn_kb"] for n in xs], style, color=color, label=name)
+            ax[2].plot(xs, [d[n]["last_ms_median"] for n in xs], style, color=color, label=f"{name} last client (median)")
+            ax[2].plot(xs, [d[n]["p50_ms"] for n in xs], style, color=color, alpha=0.35, label=f"{name} p50")
         ax[0].set(title="server CPU per client per broadcast", xlabel="clients", ylabel="µs")
         ax[1].set(title="server RSS per connection", xlabel="clients", ylabel="KB")
         ax[2].set(title="delivery latency from upstream change", xlabel="clients", ylabel="ms")
         for a in ax:
             a.grid(alpha=0.3)
             a.set_ylim(bottom=0)
+            a.xaxis.set_major_formatter(_kfmt())
             a.legend(fontsize=8)
         fig.suptitle("Fan-out on one process: edgestate vs nginx+nchan (same client, same message)")
         _footer(fig, res)
@@ -197,7 +204,8 @@ def amplification_section(res: dict[str, Any], plt: Any) -> list[str]:
         ax.plot(us, [r["before"]["upstream_calls_per_s"] for r in rows], "s--", color="#c44e52", label="before: pollers → provider")
         ax.plot(us, [r["after"]["origin_requests_per_s"] for r in rows], "^-", color="#8172b2", label="after: requests reaching edgestate")
         ax.plot(us, [r["after"]["upstream_calls_per_s"] for r in rows], "o-", color="#4c72b0", label="after: edgestate → provider")
-        ax.set_yscale("symlog", linthresh=1)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(_kfmt())
         ax.set(xlabel="simulated users (WebSocket + poll every 30 s)", ylabel="per second",
                title="Upstream amplification (nginx proxy_cache in front)")
         ax.grid(alpha=0.3)
