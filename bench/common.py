@@ -160,6 +160,7 @@ class Procs:
             text=True,
             bufsize=1,
         )
+        logf.close()  # the child holds its own copy
         self.items.append((name, proc))
         return proc
 
@@ -173,6 +174,12 @@ class Procs:
                 proc.wait(5)
             except ProcessLookupError:
                 pass
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
         self.items = [(n, p) for n, p in self.items if p is not proc]
 
     def stop_all(self) -> None:

@@ -364,6 +364,27 @@ def write() -> Path:
         else:
             lines += [f"## {name}", "", f"Not run yet: `python -m bench {name}`.", ""]
     lines += [
+        "## How to read these numbers",
+        "",
+        "- The load client is Node `ws` (bench/loadclient/client.js): several processes (≤ 4,500 connections per "
+        "process and per source address), `ulimit -n` at the hard limit, connection rate capped (`--rate`), no "
+        "permessage-deflate, frames scanned for the jackpot value without JSON parsing. It shares one core; at "
+        "~12 µs per received message it needs ~0.23 s per broadcast at 19k clients, so at large N the *last "
+        "client* latency of both servers is partly the client's. Both servers are measured with the same client "
+        "in the same run: compare ratios, not absolute values across machines.",
+        "- edgestate's latency includes one more hop than nchan's: the simulated provider's PubSub notification "
+        "(simulator → trio-websocket → shared state → broadcaster); nchan gets the message by HTTP POST directly.",
+        "- CPU per broadcast is the server's total CPU over the window divided by the number of updates, so at "
+        "small N fixed background work (price polling every 2 s, participants every 10 s, timers) weighs on the "
+        "per-client figure; the fan-out loop's own CPU is in edgestate's `/stats` (quoted under the table).",
+        "- nginx runs one worker (`worker_processes 1`, `worker_connections 40000`, `worker_rlimit_nofile 20000`); "
+        "with 19,800 worker connections nchan ran out of connections at 19k subscribers (\"worker_connections are "
+        "not enough\"), so nchan needs more than one nginx connection slot per subscriber near the cap.",
+        "- The machine is shared: other processes (test suites) ran on both cores during some runs; "
+        "`machine.loadavg_at_end` in each results file shows it. Absolute HTTP rates here are ~4x below "
+        "STACK-NOTES' figures for the same stack, and the bare-ASGI baseline (same run) dropped by the same "
+        "factor: compare within a table.",
+        "",
         "## Load-testing your own deployment",
         "",
         "`bench/locustfile.py` is a ready-made Locust scenario (GET /api/state, GET /api/price/<mint>, "

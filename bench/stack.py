@@ -276,9 +276,12 @@ class LoadClients:
 
 def _reader(proc: subprocess.Popen[Any], q: queue.Queue[dict[str, Any]]) -> None:
     assert proc.stdout
-    for line in proc.stdout:
-        try:
-            q.put(json.loads(line))
-        except ValueError:
-            pass
+    try:
+        for line in proc.stdout:
+            try:
+                q.put(json.loads(line))
+            except ValueError:
+                pass
+    except (ValueError, OSError):  # pipe closed by Procs.stop
+        pass
     q.put({"event": "exit"})
