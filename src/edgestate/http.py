@@ -140,6 +140,9 @@ class ClientLimiter:
         return True
 
 
+_IN_MEMORY_ROUTES = frozenset({"/api/state", "/api/lottery/state", "/api/lottery/participants/count"})
+
+
 class _Views:
     """Response bodies derived from a snapshot, built once per state version."""
 
@@ -189,21 +192,24 @@ class FastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD") or not path.startswith("/api/"):
-            await self._app(scope, receive, send)
-            return
-        snapshot = self._services.state.snapshot
-        try:
-            entry = self._views.get(snapshot, path)
-        except KeyError:  # not an in-memory route
+        if scope["type"] != "http" or path not in _IN_MEMORY_ROUTES:
             await self._app(scope, receive, send)
             return
         started = trio.current_time()
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        status, body, extra = self._answer(scope, headers, entry)
+        method = scope["method"]
+        if method in ("GET", "HEAD"):
+            entry = self._views.get(self._services.state.snapshot, path)
+            status, body, extra = self._answer(scope, headers, entry)
+        elif method == "OPTIONS":
+            status, body, extra = 204, b"", self._helpers.preflight_headers(headers.get("origin"))
+        else:
+            status = 405
+            body = error_body("method_not_allowed", f"{method} not allowed on {path}")
+            extra = [(b"content-type", b"application/json"), (b"allow", b"GET, HEAD, OPTIONS")]
         extra += self._helpers.cors_headers(headers.get("origin"))
         await send({"type": "http.response.start", "status": status, "headers": extra})
-        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
         self._helpers.stats.record(path, status, trio.current_time() - started, from_memory=status < 400)
         self._helpers.access(scope, status, started)
 
@@ -247,6 +253,15 @@ class _Helpers:
             return []
         value = b"*" if not self.allowed else origin.encode("latin-1")  # type: ignore[union-attr]
         return [(b"access-control-allow-origin", value), (b"vary", b"Origin")]
+
+    def preflight_headers(self, origin: str | None) -> list[tuple[bytes, bytes]]:
+        if not self.origin_allowed(origin):
+            return []
+        return [
+            (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+            (b"access-control-allow-headers", b"content-type, if-none-match"),
+            (b"access-control-max-age", b"600"),
+        ]
 
     def allow(self, scope: Scope, headers: dict[str, str]) -> bool:
         if self.limiter.rps <= 0:
@@ -337,10 +352,9 @@ def create_app(services: Services) -> FastPath:
         origin = request.headers.get("origin")
         for name, value in helpers.cors_headers(origin):
             response.headers[name.decode()] = value.decode()
-        if request.method == "OPTIONS" and helpers.origin_allowed(origin):
-            response.headers["access-control-allow-methods"] = "GET, POST, OPTIONS"
-            response.headers["access-control-allow-headers"] = "content-type, if-none-match"
-            response.headers["access-control-max-age"] = "600"
+        if request.method == "OPTIONS":
+            for name, value in helpers.preflight_headers(origin):
+                response.headers[name.decode()] = value.decode()
         if response.status_code == 304:
             response.headers.pop("content-type", None)  # Quart adds text/html (STACK-NOTES)
         started = g.get("started", trio.current_time())

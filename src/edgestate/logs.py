@@ -51,5 +51,8 @@ def setup(cfg: LogConfig, stream: object = None) -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(cfg.level.upper())
         logger.propagate = False
+    # httpx logs every request URL at INFO, API keys included: keep it to warnings.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     access = logging.getLogger("edgestate.access")
     access.disabled = not cfg.access

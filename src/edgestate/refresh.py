@@ -64,7 +64,7 @@ class Refresher:
     # -- the readers ----------------------------------------------------------------
 
     async def _read_price(self) -> None:
-        cached = await self._prices.get_price(self._cfg.token.mint, priority=Priority.STATE)
+        cached = await self._prices.get_price(self._cfg.token.mint, priority=Priority.STATE, refresh=True)
         if not cached.stale:
             self._state.update("tokenPrice", cached.value, source="poll")
 

@@ -162,10 +162,18 @@ class EmbeddedHypercorn:
 
     def handle(self, stream: trio.SocketStream) -> None:
         """Serve one accepted connection with Hypercorn's protocol."""
-        if self._connections is None:
+        if self._connections is None:  # shutting down
+            stream.socket.close()
             return
+        self._connections.start_soon(self._serve, stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
         server = TCPServer(self._app, self._hcfg, self._context, ConnectionState(self._lifespan_state.copy()), stream)
-        self._connections.start_soon(server.run)
+        try:
+            await server.run()
+        finally:
+            # Hypercorn's own close is skipped when the shutdown deadline cancels it.
+            stream.socket.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -204,7 +212,7 @@ async def serve(
     """
     from .http import create_app  # deferred: the app module imports Quart, heavy at CLI startup
 
-    stop = stop or trio.Event()
+    stop = trio.Event() if stop is None else stop
     listener = await open_listener(cfg.server.bind)
     url = bound_url(listener)
     async with trio.open_nursery() as services_nursery:
