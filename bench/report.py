@@ -151,6 +151,10 @@ def http_section(res: dict[str, Any], plt: Any) -> list[str]:
                    f"{_fmt(r['origin_requests_per_s'], 1)} | {_fmt(r['server_cpu_pct'])} % | {r['non_2xx']} |")
     es = next((r for r in rows if r["target"].startswith("edgestate GET /api/state")), None)
     st = next((r for r in rows if r["target"].startswith("nginx static")), None)
+    bare = next((r for r in rows if r["target"].startswith("bare ASGI")), None)
+    if es and bare:
+        out += ["", f"edgestate / bare ASGI on Hypercorn (same run): {_ratio(es['rps'], bare['rps'])} the requests/s, "
+                f"{_ratio(es['p99_ms'], bare['p99_ms'])} the p99."]
     if es and st:
         out += ["", f"edgestate / nginx static file: {_ratio(es['rps'], st['rps'])} the requests/s, "
                 f"{_ratio(es['p99_ms'], st['p99_ms'])} the p99."]
@@ -307,7 +311,13 @@ def expected_section(results: dict[str, dict[str, Any]]) -> list[str]:
         if r:
             out.append(f"| response time < 100 ms (cached) | p99 {r['p99_ms']:.1f} ms at {r['rps']:,.0f} req/s direct"
                        + (f"; p99 {c['p99_ms']:.1f} ms behind proxy_cache" if c else "")
-                       + " | 64 concurrent connections, wrk | http |")
+                       + " | 64 concurrent connections, wrk (saturating one core: queueing) | http |")
+    if amp and amp["rows"]:
+        for r in amp["rows"]:
+            a = r["after"]
+            out.append(f"| response time < 100 ms (cached), realistic load | poll p50 {a['poll_p50_ms']:.1f} ms / p99 "
+                       f"{a['poll_p99_ms']:.1f} ms through nginx proxy_cache at {a['polls_sent_per_s']:.0f} polls/s | "
+                       f"{r['users']:,} users (WebSocket each, a change every second) | amplification |")
     fan = results.get("fanout")
     soak = results.get("soak")
     es_rows = [r for r in (fan or {}).get("rows", []) if r["server"] == "edgestate"]
