@@ -73,7 +73,7 @@ async def test_200_clients_get_every_update_in_order_once(nursery, sim, ws_conne
             for v in values:
                 sim.world.set_jackpot(int(v * 1e9))
                 # Wait until every client saw it: then the next one is a distinct update.
-                await wait_for(lambda: all(len(r) >= values.index(v) + 1 for r in received))
+                await wait_for(lambda v=v: all(len(r) >= values.index(v) + 1 for r in received))
         assert all(r == values for r in received)
         # An unchanged poll sends nothing: the same value again publishes nothing.
         sent = server.services.hub.frames_sent

@@ -182,7 +182,13 @@ class _Views:
 
 
 class FastPath:
-    """ASGI wrapper answering the in-memory GETs itself, everything else via Quart."""
+    """ASGI wrapper answering the in-memory GETs itself, everything else via Quart.
+
+    The front door (frontdoor.py) also calls :meth:`raw_response` directly for these
+    routes on plain HTTP/1.1 connections; both paths share :meth:`respond`.
+    """
+
+    paths = _IN_MEMORY_ROUTES
 
     def __init__(self, app: QuartTrio, services: Services, helpers: _Helpers) -> None:
         self._app = app
@@ -197,28 +203,46 @@ class FastPath:
             return
         started = trio.current_time()
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        method = scope["method"]
+        client = (scope.get("client") or ("?", 0))[0]
+        status, body, extra = self.respond(scope["method"], path, headers, client)
+        await send({"type": "http.response.start", "status": status, "headers": extra})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+        self._helpers.record(scope["method"], path, client, status, started)
+
+    def raw_response(self, method: str, path: str, headers: dict[str, str], client: str, date: bytes,
+                     close: bool) -> bytes:
+        """The whole HTTP/1.1 response (head and body) as one byte string."""
+        started = trio.current_time()
+        status, body, extra = self.respond(method, path, headers, client)
+        lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"")), b"date: " + date, b"server: edgestate"]
+        lines += [name + b": " + value for name, value in extra]
+        if status not in (204, 304) and not any(name == b"content-length" for name, _ in extra):
+            lines.append(b"content-length: %d" % len(body))
+        if close:
+            lines.append(b"connection: close")
+        self._helpers.record(method, path, client, status, started)
+        return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if method == "HEAD" else body)
+
+    def respond(self, method: str, path: str, headers: dict[str, str], client: str
+                ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """(status, body, headers) for an in-memory route."""
+        h = self._helpers
+        origin = headers.get("origin")
         if method in ("GET", "HEAD"):
-            entry = self._views.get(self._services.state.snapshot, path)
-            status, body, extra = self._answer(scope, headers, entry)
+            status, body, extra = self._answer(path, headers, client)
         elif method == "OPTIONS":
-            status, body, extra = 204, b"", self._helpers.preflight_headers(headers.get("origin"))
+            status, body, extra = 204, b"", h.preflight_headers(origin)
         else:
             status = 405
             body = error_body("method_not_allowed", f"{method} not allowed on {path}")
             extra = [(b"content-type", b"application/json"), (b"allow", b"GET, HEAD, OPTIONS")]
-        extra += self._helpers.cors_headers(headers.get("origin"))
-        await send({"type": "http.response.start", "status": status, "headers": extra})
-        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
-        self._helpers.stats.record(path, status, trio.current_time() - started, from_memory=status < 400)
-        self._helpers.access(scope, status, started)
+        return status, body, extra + h.cors_headers(origin)
 
-    def _answer(
-        self, scope: Scope, headers: dict[str, str], entry: tuple[bytes, str] | None
-    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    def _answer(self, path: str, headers: dict[str, str], client: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         h = self._helpers
-        if not h.allow(scope, headers):
+        if not h.allow(client, headers.get("x-forwarded-for")):
             return 429, h.rate_limited_body, [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+        entry = self._views.get(self._services.state.snapshot, path)
         if entry is None:
             body = error_body("not_ready", "no participant count from upstream yet; retry shortly")
             return 503, body, [(b"content-type", b"application/json"), (b"retry-after", b"1")]
@@ -227,6 +251,10 @@ class FastPath:
         if _etag_matches(headers.get("if-none-match"), etag):
             return 304, b"", cache
         return 200, body, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *cache]
+
+
+_REASONS = {200: b"OK", 204: b"No Content", 304: b"Not Modified", 405: b"Method Not Allowed",
+            429: b"Too Many Requests", 503: b"Service Unavailable"}
 
 
 class _Helpers:
@@ -263,23 +291,21 @@ class _Helpers:
             (b"access-control-max-age", b"600"),
         ]
 
-    def allow(self, scope: Scope, headers: dict[str, str]) -> bool:
+    def allow(self, client: str | None, forwarded_for: str | None) -> bool:
         if self.limiter.rps <= 0:
             return True
-        client = scope.get("client") or ("?", 0)
-        address = self.limiter.client_address(client[0], headers.get("x-forwarded-for"))
-        if self.limiter.allow(address):
+        if self.limiter.allow(self.limiter.client_address(client, forwarded_for)):
             return True
         self.stats.rate_limited += 1
         return False
 
-    def access(self, scope: Scope, status: int, started: float) -> None:
-        if access_log.isEnabledFor(logging.INFO) and not access_log.disabled:
-            client = scope.get("client") or ("?", 0)
-            access_log.info(
-                '%s "%s %s" %d %.1fms', client[0], scope["method"], scope["path"], status,
-                (trio.current_time() - started) * 1000,
-            )
+    def record(self, method: str, route: str, client: str | None, status: int, started: float,
+               path: str | None = None) -> None:
+        """Count a finished request (and log it when the access log is on)."""
+        elapsed = trio.current_time() - started
+        self.stats.record(route, status, elapsed, from_memory=route in _IN_MEMORY_ROUTES and status < 400)
+        if not access_log.disabled and access_log.isEnabledFor(logging.INFO):
+            access_log.info('%s "%s %s" %d %.1fms', client, method, path or route, status, elapsed * 1000)
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -342,7 +368,7 @@ def create_app(services: Services) -> FastPath:
         if request.method == "OPTIONS":
             return None
         if request.path.startswith("/api/") and not helpers.allow(
-            {"client": (request.remote_addr, 0)}, {"x-forwarded-for": request.headers.get("x-forwarded-for", "")}
+            request.remote_addr, request.headers.get("x-forwarded-for")
         ):
             return Response(helpers.rate_limited_body, status=429, content_type=JSON, headers={"retry-after": "1"})
         return None
@@ -357,11 +383,9 @@ def create_app(services: Services) -> FastPath:
                 response.headers[name.decode()] = value.decode()
         if response.status_code == 304:
             response.headers.pop("content-type", None)  # Quart adds text/html (STACK-NOTES)
-        started = g.get("started", trio.current_time())
         rule = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
-        helpers.stats.record(rule, response.status_code, trio.current_time() - started)
-        helpers.access({"client": (request.remote_addr, 0), "method": request.method, "path": request.path},
-                       response.status_code, started)
+        helpers.record(request.method, rule, request.remote_addr, response.status_code,
+                       g.get("started", trio.current_time()), request.path)
         return response
 
     @app.errorhandler(BadInput)

@@ -7,11 +7,13 @@
     ├── refresher.run                   price / participants pollers, jackpot PubSub + fallback
     ├── hub.run                         fan-out of each new snapshot, heartbeat
     ├── http.run                        Hypercorn's protocol for each HTTP connection
-    └── front door                      accepts; GET /ws → ws.serve_ws, else → Hypercorn
+    └── front door                      accepts; GET /ws → ws.serve_ws, in-memory GETs →
+                                        frontdoor.RawHttp, everything else → Hypercorn
 
-One listening socket serves both: the front door peeks at each new connection's request
-line; WebSocket clients of /ws go to our own fan-out path (see broadcast.py for why), all
-other HTTP goes to the Quart-Trio app through Hypercorn's HTTP/1.1 protocol.
+One listening socket serves all: the front door peeks at each new connection's request
+head; WebSocket clients of /ws go to our own fan-out path (see broadcast.py for why), the
+hot in-memory GETs are answered raw (frontdoor.py), all other HTTP goes to the Quart-Trio
+app through Hypercorn's HTTP/1.1 protocol.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import errno
 import logging
 import signal
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
-from . import __version__, wsframes
+from . import __version__, frontdoor, wsframes
 from .broadcast import Hub
 from .cache import Cache
 from .config import Config, redact
@@ -48,6 +49,7 @@ from .ws import serve_ws
 log = logging.getLogger("edgestate.server")
 
 _BACKLOG = 4096  # connect bursts of thousands of WebSocket clients
+_FIRST_REQUEST_TIMEOUT = 10.0  # a new connection that sends no request head in time goes to Hypercorn
 
 
 class ListenError(EdgeStateError):
@@ -179,23 +181,6 @@ class EmbeddedHypercorn:
         self._stop.set()
 
 
-async def _is_websocket(stream: trio.SocketStream) -> bool:
-    """Peek (without consuming) whether the request line is ``GET /ws``."""
-    want = b"GET /ws"
-    with trio.move_on_after(10):
-        for _ in range(100):
-            try:
-                data = await stream.socket.recv(8, socket.MSG_PEEK)
-            except OSError:
-                return False
-            if len(data) >= 8:
-                return data.startswith(want) and data[7:8] in (b" ", b"?")
-            if not data or not want.startswith(data):
-                return False
-            await trio.sleep(0.01)  # a request line split across segments: rare
-    return False
-
-
 async def serve(
     cfg: Config,
     *,
@@ -223,7 +208,9 @@ async def serve(
         await services_nursery.start(services.prices.run)
         await services_nursery.start(services.hub.run)
         await services_nursery.start(services.refresher.run)
-        http = EmbeddedHypercorn(create_app(services), cfg)
+        app = create_app(services)
+        http = EmbeddedHypercorn(app, cfg)
+        raw_http = frontdoor.RawHttp(app)
         await services_nursery.start(http.run)
         services_nursery.start_soon(_watch_signals, stop)
         _log_startup(cfg, url, demo)
@@ -232,8 +219,12 @@ async def serve(
             with trio.CancelScope() as accepting:
 
                 async def dispatch(stream: trio.SocketStream) -> None:
-                    if await _is_websocket(stream):
+                    head = await frontdoor.peek_head(stream, _FIRST_REQUEST_TIMEOUT)
+                    kind = frontdoor.classify(head, raw_http.paths)
+                    if kind is frontdoor.Kind.WEBSOCKET:
                         await serve_ws(stream, services.hub, cfg)
+                    elif kind is frontdoor.Kind.FAST and head is not None and await raw_http.serve(stream, head):
+                        pass
                     else:
                         http.handle(stream)  # Hypercorn's nursery owns it from here
 
@@ -245,6 +236,7 @@ async def serve(
                      len(services.hub), cfg.server.graceful_timeout)
             services.hub.close_all(wsframes.CLOSE_GOING_AWAY, "server shutting down")
             http.stop()
+            raw_http.stop()
             ws_nursery.cancel_scope.deadline = trio.current_time() + cfg.server.graceful_timeout
         services_nursery.cancel_scope.cancel(reason="server stopped")
     log.info("stopped")
