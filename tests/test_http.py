@@ -247,3 +247,21 @@ async def test_overloaded_upstream_is_503_with_retry_after(nursery, sim):
         assert overloaded[0].headers["retry-after"]
         assert_error(overloaded[0], 503)
     await server.shutdown()
+
+
+async def test_balances_cached_per_wallet_and_mint(api, sim):
+    mint = new_key()
+    sim.world.add_mint(mint, 6, "spl")
+    first = [new_key() for _ in range(5)]
+    sim.world.set_token_balance(first[0], mint, 2_000_000)
+    assert (await api.post("/api/tokens/balances", json={"wallets": first, "tokenMint": mint})).status_code == 200
+    sim.world.reset_counters()
+    # Same wallets again: answered from the cache, nothing upstream.
+    again = await api.post("/api/tokens/balances", json={"wallets": first, "tokenMint": mint})
+    assert again.json()["balances"][first[0]] == 2.0
+    assert sim.world.counters()["rpc_calls"] == 0
+    # Overlapping request: only the new wallet's account is read.
+    newcomer = new_key()
+    resp = await api.post("/api/tokens/balances", json={"wallets": [*first, newcomer], "tokenMint": mint})
+    assert resp.json()["balances"][newcomer] == 0
+    assert sim.world.counters()["rpc_calls"] == 1

@@ -234,6 +234,23 @@ class Cache:
             cached = self._fallback(key)
         return cached
 
+    def get(self, key: Hashable) -> Cached[Any] | None:
+        """The fresh value for ``key``, counted as a hit, or None (counted as a miss).
+
+        For callers that fetch many keys in one upstream call themselves and
+        :meth:`put` the results (e.g. token balances read with getMultipleAccounts).
+        """
+        cached = self._lookup(key)
+        if cached is None:
+            self._misses += 1
+        else:
+            self._hits += 1
+        return cached
+
+    def put(self, key: Hashable, value: Any, *, ttl: float | None = None, method: str | None = None) -> None:
+        """Store a value fetched by the caller (TTL as in :meth:`get_or_fetch`)."""
+        self._store(key, value, self._ttl_for(ttl, method))
+
     def invalidate(self, key: Hashable) -> None:
         """Forget the fresh value: the next lookup fetches.
 

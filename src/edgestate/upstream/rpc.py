@@ -293,15 +293,28 @@ class SolanaRpc:
         program = Pubkey.from_string(acct.owner)
         atas = {w: str(get_associated_token_address(o, mint_key, program)) for w, o in owners.items()}
         unique = list(dict.fromkeys(atas.values()))
-        # Only mint (0..32) and amount (64..72) are needed: slice the data.
-        got = await self.get_multiple_accounts(unique, priority=priority, data_slice=(0, 72))
+        # Balances are cached per token account (i.e. per wallet and mint) for a short
+        # TTL (cache.method_ttls.tokenBalance, else cache.ttl): repeated and overlapping
+        # requests only read the accounts not seen recently.
         amounts: dict[str, int] = {}
-        for ata, tok in zip(unique, got.value, strict=True):
-            # Anything but a token account of this mint counts as "no account".
-            if tok is None or tok.owner != acct.owner or len(tok.data) < 72 or tok.data[:32] != bytes(mint_key):
-                amounts[ata] = 0
+        missing: list[str] = []
+        for ata in unique:
+            hit = self._cache.get(cache_key("tokenBalance", [ata], self._commitment))
+            if hit is None:
+                missing.append(ata)
             else:
-                amounts[ata] = int.from_bytes(tok.data[64:72], "little")
+                amounts[ata] = hit.value
+        if missing:
+            # Only mint (0..32) and amount (64..72) are needed: slice the data.
+            got = await self.get_multiple_accounts(missing, priority=priority, data_slice=(0, 72), cached=False)
+            for ata, tok in zip(missing, got.value):
+                # Anything but a token account of this mint counts as "no account".
+                if tok is None or tok.owner != acct.owner or len(tok.data) < 72 or tok.data[:32] != bytes(mint_key):
+                    amounts[ata] = 0
+                else:
+                    amounts[ata] = int.from_bytes(tok.data[64:72], "little")
+                self._cache.put(cache_key("tokenBalance", [ata], self._commitment), amounts[ata],
+                                method="tokenBalance")
         scale = 10**decimals
         return {w: amounts[ata] / scale for w, ata in atas.items()}
 
