@@ -1,4 +1,4 @@
-"""python -m bench {all,fanout,http,amplification,balances,soak,report} [--quick|--full]
+"""python -m bench {all,fanout,http,amplification,balances,pool,soak,report} [--quick|--full]
 
 Installs what it needs when missing (apt-get: nginx, libnginx-mod-nchan, wrk; npm: ws in
 bench/loadclient; pip: matplotlib for the plots), starts everything on loopback, runs bounded
@@ -6,7 +6,7 @@ scenarios, stops what it started (by PID), and writes docs/benchmarks.md and doc
 from bench/results/*.json (each scenario run replaces its own results file).
 
   --quick   (default) under 3 minutes: fan-out 1k/5k, HTTP 5 s runs, amplification 1k/10k,
-            balances 10/100/1000
+            balances 10/100/1000, pool overhead 5,000 calls + coalescing mix
   --full    fan-out 1k/5k/10k/19k (20 updates each), HTTP 10 s, amplification 1k/10k/19k
             with 30 s windows, balances, soak 10k clients × 10 min
 """
@@ -20,7 +20,7 @@ import time
 from . import common
 from .common import log
 
-SCENARIOS = ("fanout", "http", "amplification", "balances", "soak")
+SCENARIOS = ("fanout", "http", "amplification", "balances", "pool", "soak")
 
 
 def _deps(need_nginx: bool, need_wrk: bool, need_node: bool) -> dict[str, bool]:
@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "balances":
                 from . import balances
                 balances.run([10, 100, 1000])
+            elif name == "pool":
+                from . import pool
+                pool.run(20_000 if full else 5000)
             elif name == "soak":
                 if not deps["node"]:
                     continue
