@@ -1,10 +1,11 @@
 """The HTTP API: the frontend's routes, health, stats and metrics.
 
 ``create_app(services)`` returns an ASGI app: a thin fast path for the hot, in-memory
-GETs (/api/state and the lottery views: bytes prepared once per state change, ETag,
-304, CORS) in front of the Quart-Trio app that serves everything else. The fast path is
-plain ASGI because the framework costs ~25% of the request rate (STACK-NOTES) on the
-route every browser and CDN polls.
+GETs (/api/state and the lottery views: bodies prepared once per state change, ETag,
+304, CORS) in front of the Quart-Trio app that serves everything else. The front door
+(frontdoor.py) answers those GETs without ASGI at all through
+:meth:`FastPath.raw_response`; the ASGI path remains for what reaches Hypercorn (e.g.
+HTTP/1.0 clients or a request with a query string).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import cachetools
 import trio
@@ -199,7 +200,7 @@ class FastPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or path not in _IN_MEMORY_ROUTES:
-            await self._app(scope, receive, send)
+            await self._app(scope, receive, send)  # type: ignore[arg-type]  # ASGI dicts vs Quart's TypedDicts
             return
         started = trio.current_time()
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -463,7 +464,8 @@ def create_app(services: Services) -> FastPath:
     async def balances() -> Response:
         if (request.content_length or 0) > cfg.api.max_body_bytes:
             return _error(413, "body_too_large", f"request body over {cfg.api.max_body_bytes} bytes")
-        wallets, mint = _parse_balances_body(await request.get_data(), cfg.api.max_wallets)
+        raw = cast(bytes, await request.get_data(as_text=False))
+        wallets, mint = _parse_balances_body(raw, cfg.api.max_wallets)
         try:
             result = await services.rpc.get_token_balances(wallets, mint)
         except InvalidMint as exc:

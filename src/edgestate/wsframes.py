@@ -110,7 +110,7 @@ class FrameParser:
             event = self._next_frame()
             if event is None:
                 return events
-            if event is not True:
+            if not isinstance(event, bool):  # True: a frame consumed with nothing to report yet
                 events.append(event)
 
     def _next_frame(self) -> Message | Control | TooBig | bool | None:

@@ -186,9 +186,10 @@ def _expected(exc: BaseException) -> BaseException | None:
     if isinstance(exc, BaseExceptionGroup):
         matched, rest = exc.split(_EXPECTED)
         if matched is not None and rest is None:
-            while isinstance(matched, BaseExceptionGroup):
-                matched = matched.exceptions[0]
-            return matched
+            leaf: BaseException = matched
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return leaf
     return None
 
 
