@@ -40,7 +40,9 @@ def run(n: int = 10_000, minutes: float = 10.0, period: float = 1.0, rate: float
                     result["samples"].append({"t_s": round(time.monotonic() - t_start, 1), "rss_kb": rss_kb(pid),
                                               "cpu_s": cpu_s(pid)})
                     time.sleep(period)
-                time.sleep(0.5)
+                # Let the chunk's last update reach every client before counting (its p99 can
+                # be several hundred ms at 10k): otherwise late deliveries read as "missing".
+                time.sleep(2.5)
                 a = _analyse(clients.dump("soak"), sent, n)
                 clients.reset()
                 st = stack.es_stats()["broadcaster"]
