@@ -493,3 +493,49 @@ async def test_stopping_the_pool_fails_waiting_callers_at_once(autojump_clock: A
         t0 = trio.current_time()
     assert trio.current_time() == t0 and len(res) == 4
     assert all("pool stopped" in str(r) for r in res)
+
+
+async def test_429_storm_never_exceeds_our_limit_and_settles(
+    autojump_clock: Any, nursery: trio.Nursery, provider: Provider
+) -> None:
+    # A provider that allows 10 calls/s (per JSON-RPC call, like Helius) behind a pool
+    # configured for 20/s: it answers 429 + Retry-After above its rate.
+    allowance = {"tokens": 10.0, "at": trio.current_time()}
+    sent_at: list[float] = []
+    throttled = 0
+
+    def provider_limit(request: httpx.Request, body: Any) -> httpx.Response | None:
+        nonlocal throttled
+        now = trio.current_time()
+        cost = len(body) if isinstance(body, list) else 1
+        sent_at.extend([now] * cost)
+        allowance["tokens"] = min(10.0, allowance["tokens"] + (now - allowance["at"]) * 10)
+        allowance["at"] = now
+        if allowance["tokens"] < cost:
+            throttled += 1
+            provider.script.append(provider_limit)
+            return httpx.Response(429, headers={"Retry-After": "1"})
+        allowance["tokens"] -= cost
+        provider.script.append(provider_limit)
+        return None
+
+    provider.script.append(provider_limit)
+    limiter = RateLimiter(20)
+    pool = Pool(make_cfg(max_retries=10, max_batch_size=1, batch_window_ms=0, request_timeout=600), limiter,
+                transport=httpx.MockTransport(provider))
+    await nursery.start(pool.run)
+    results: list[Any] = []
+
+    async def call(i: int) -> None:
+        results.append(await pool.execute("getSlot", [{"minContextSlot": i}]))
+
+    async with trio.open_nursery() as calls:
+        for i in range(200):
+            calls.start_soon(call, i)
+    assert len(results) == 200  # every caller got its answer in the end
+    # What we sent never exceeded our own limit: at most rate + burst in any second.
+    for t in sent_at:
+        assert sum(1 for u in sent_at if t <= u < t + 1.0) <= 20 + 20
+    # The adaptive limiter backed off: far fewer 429s than calls.
+    assert limiter.stats()["penalties"] >= 1
+    assert throttled < 60, throttled
