@@ -66,6 +66,10 @@ class ServerConfig:
     bind: str = "127.0.0.1:8080"
     graceful_timeout: float = 5.0
     allowed_origins: tuple[str, ...] = ()
+    # Processes serving the public port (>1: a supervisor, one feed process, N workers).
+    workers: int = 1
+    # SO_REUSEPORT on the listening socket: several processes share one port.
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,6 +88,13 @@ class UpstreamConfig:
     max_batch_size: int = 100
     max_queue: int = 10000
     max_retries: int = 3
+    # Feed mode: take the state from a parent edgestate (its /ws, http(s) or ws(s) URL)
+    # instead of the providers; more than one = fallback order. Empty = talk to providers.
+    parent: tuple[str, ...] = ()
+    # Provider credit budget per 30 days; 0 = no budget. Over it, polling slows down.
+    credits_per_month: float = 0.0
+    # The most the budget may stretch the polling intervals (x configured).
+    max_interval_scale: float = 10.0
     # From $HELIUS_API_KEY; only used to build the default rpc_url. Never printed.
     helius_api_key: str = field(default="", repr=False)
 
@@ -208,6 +219,7 @@ _MAY_BE_ZERO = {
     ("cache", "max_stale"),
     ("server", "graceful_timeout"),
     ("upstream", "batch_window_ms"),
+    ("upstream", "credits_per_month"),
 }
 
 
@@ -316,6 +328,11 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
     if (section, key) == ("upstream", "rpc_url"):
         for i, url in enumerate(value):
             _check_url(url, f"{where}[{i}]" if len(value) > 1 else where, ("http", "https"))
+    if (section, key) == ("upstream", "parent"):
+        for i, url in enumerate(value):
+            _check_url(url, f"{where}[{i}]" if len(value) > 1 else where, ("http", "https", "ws", "wss"))
+    if (section, key) == ("upstream", "max_interval_scale") and value < 1:
+        raise ConfigError(f"{where}: must be >= 1, got {value!r}")
     if (section, key) == ("upstream", "ws_url") and value:
         _check_url(value, where, ("ws", "wss"))
     if (section, key) == ("price", "url"):
@@ -428,6 +445,7 @@ def to_dict(config: Config, *, redacted: bool = False) -> dict[str, dict[str, An
         up = out["upstream"]
         up["rpc_url"] = [redact(u) for u in config.upstream.rpc_urls]
         up["ws_url"] = redact(config.upstream.pubsub_url)
+        up["parent"] = [redact(u) for u in config.upstream.parent]
         out["price"]["url"] = redact(config.price.url)
     return out
 

@@ -17,26 +17,34 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from . import __version__
+from .refresh import SECONDS_PER_MONTH
 
 if TYPE_CHECKING:
     from .server import Services
 
 _NAME_OK = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_SECONDS_PER_MONTH = 30 * 86400
 
 
 def collect(services: Services) -> dict[str, Any]:
     """Every component's snapshot, keyed by component (the /stats document)."""
-    pool = services.pool.stats()
+    # Feed mode (a child): no pool and no refresher; the parent is the only upstream.
+    pool = services.pool.stats() if services.pool is not None else {"mode": "feed"}
     limiter = services.limiter.stats()
     credits_per_s = services.limiter.observed_rate()
-    refresher = services.refresher.stats()
+    refresher = services.refresher.stats() if services.refresher is not None else {"mode": "feed", "pubsub": None}
+    if services.refresher is not None:
+        budget = services.refresher.budget_stats()
+    else:
+        budget = {"credits_per_month": services.cfg.upstream.credits_per_month, "projected_monthly_credits": 0,
+                  "note": "a child never calls the providers: the root's /stats has the tree's burn"}
+    feed = {"feed": services.feed.stats()} if services.feed is not None else {}
     return {
         "server": {
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(trio.current_time() - services.started_at, 3),
             "config": services.cfg.source,
+            "worker": services.worker,
         },
         "pool": pool,
         "rate_limiter": limiter,
@@ -45,10 +53,12 @@ def collect(services: Services) -> dict[str, Any]:
             "endpoints": pool.get("endpoints", []),
             "calls_by_method": pool.get("calls_by_method", {}),
             "credits_per_second": round(credits_per_s, 3),
-            "projected_monthly_credits": round(credits_per_s * _SECONDS_PER_MONTH),
+            "projected_monthly_credits": round(credits_per_s * SECONDS_PER_MONTH),
             "pubsub": refresher["pubsub"],
             "prices": services.prices.stats(),
+            "budget": budget,
         },
+        **feed,
         "state": {**services.state.stats(), "refresh": refresher},
         "broadcaster": services.hub.stats(),
         **{name: section() for name, section in services.extra_stats.items()},

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ from .broadcast import Hub
 from .cache import Cache
 from .config import Config, redact
 from .errors import EdgeStateError
+from .feed import ParentFeed, ParentPrices, ParentRpc
 from .refresh import Refresher
 from .state import SharedState
 from .upstream.pool import Pool
@@ -65,10 +67,14 @@ class Services:
     hub: Hub
     limiter: RateLimiter
     cache: Cache
-    pool: Pool
-    rpc: SolanaRpc
-    prices: PriceClient
-    refresher: Refresher
+    # Feed mode (upstream.parent set): no pool and no refresher, lookups go to the parent.
+    pool: Pool | None
+    rpc: SolanaRpc | ParentRpc
+    prices: PriceClient | ParentPrices
+    refresher: Refresher | None
+    feed: ParentFeed | None = None
+    # Set by workers.py in a worker process: {"id", "pid", "role", ...}; /stats server.worker.
+    worker: dict[str, Any] | None = None
     started_at: float = field(default_factory=trio.current_time)
     # More /stats sections by name (e.g. "api", added by the HTTP app): name -> stats().
     extra_stats: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
@@ -79,6 +85,21 @@ def build_services(cfg: Config) -> Services:
     state = SharedState(cfg)
     limiter = RateLimiter(cfg.upstream.max_requests_per_second, name="upstream")
     cache = Cache(cfg.cache)
+    if cfg.upstream.parent:
+        # A child never talks to the providers: no pool, no PubSub, no pollers.
+        feed = ParentFeed(cfg, state)
+        return Services(
+            cfg=cfg,
+            state=state,
+            hub=Hub(cfg.ws, state),
+            limiter=limiter,
+            cache=cache,
+            pool=None,
+            rpc=ParentRpc(feed, cache),
+            prices=ParentPrices(feed, cache),
+            refresher=None,
+            feed=feed,
+        )
     pool = Pool(cfg.upstream, limiter)
     rpc = SolanaRpc(pool, cache, commitment=cfg.upstream.commitment)
     prices = PriceClient(cfg.price, cache, batch_window=cfg.upstream.batch_window_ms / 1000)
@@ -91,7 +112,7 @@ def build_services(cfg: Config) -> Services:
         pool=pool,
         rpc=rpc,
         prices=prices,
-        refresher=Refresher(cfg, state, rpc, prices),
+        refresher=Refresher(cfg, state, rpc, prices, limiter=limiter),
     )
 
 
@@ -100,15 +121,22 @@ def _split_bind(bind: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def open_listener(bind: str) -> trio.SocketListener:
+async def open_listener(bind: str, *, reuse_port: bool = False) -> trio.SocketListener:
     """Bind ``HOST:PORT`` (port 0 picks a free one).
+
+    Args:
+        reuse_port: set SO_REUSEPORT, so that several processes (workers) listen on the
+            same port and the kernel spreads new connections over them.
 
     Raises:
         ListenError: one line saying why (address in use, permission, bad host).
     """
     host, port = _split_bind(bind)
     try:
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=_BACKLOG)
+        if reuse_port:
+            listeners = [await _reuse_port_listener(host, port)]
+        else:
+            listeners = await trio.open_tcp_listeners(port, host=host, backlog=_BACKLOG)
     except OSError as exc:
         why = {errno.EADDRINUSE: "address already in use", errno.EACCES: "permission denied"}.get(
             exc.errno or 0, exc.strerror or str(exc)
@@ -118,6 +146,22 @@ async def open_listener(bind: str) -> trio.SocketListener:
     for extra in listeners[1:]:
         await extra.aclose()
     return listeners[0]
+
+
+async def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:
+    family, type_, proto, _, addr = (
+        await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    )[0]
+    sock = trio.socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind(addr)
+        sock.listen(_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
 
 
 def bound_url(listener: trio.SocketListener) -> str:
@@ -198,16 +242,22 @@ async def serve(
     from .http import create_app  # deferred: the app module imports Quart, heavy at CLI startup
 
     stop = trio.Event() if stop is None else stop
-    listener = await open_listener(cfg.server.bind)
+    listener = await open_listener(cfg.server.bind, reuse_port=cfg.server.reuse_port)
     url = bound_url(listener)
     async with trio.open_nursery() as services_nursery:
         if demo:
             cfg = await _start_demo(cfg, services_nursery)
         services = build_services(cfg)
-        await services_nursery.start(services.pool.run)
-        await services_nursery.start(services.prices.run)
-        await services_nursery.start(services.hub.run)
-        await services_nursery.start(services.refresher.run)
+        if services.feed is not None:  # feed mode: the parent is our only upstream
+            await services_nursery.start(services.hub.run)
+            await services_nursery.start(services.feed.run)
+        else:
+            assert services.pool is not None and services.refresher is not None
+            assert isinstance(services.prices, PriceClient)
+            await services_nursery.start(services.pool.run)
+            await services_nursery.start(services.prices.run)
+            await services_nursery.start(services.hub.run)
+            await services_nursery.start(services.refresher.run)
         app = create_app(services)
         http = EmbeddedHypercorn(app, cfg)
         raw_http = frontdoor.RawHttp(app)
@@ -296,6 +346,10 @@ async def _start_demo(cfg: Config, nursery: trio.Nursery) -> Config:
 def _log_startup(cfg: Config, url: str, demo: bool) -> None:
     up, st = cfg.upstream, cfg.state
     log.info("edgestate %s listening on %s (HTTP + WebSocket /ws)%s", __version__, url, " [demo]" if demo else "")
+    if up.parent:
+        log.info("feed mode: state and lookups from parent %s (no provider calls)",
+                 ", ".join(redact(u) for u in up.parent))
+        return
     log.info("upstream RPC %s, PubSub %s, prices %s", ", ".join(redact(u) for u in up.rpc_urls),
              redact(up.pubsub_url), redact(cfg.price.url))
     log.info(

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,27 +119,45 @@ class SharedState:
 
     # -- writing -----------------------------------------------------------------
 
-    def update(self, name: str, value: Any, *, slot: int = 0, source: str = "poll") -> bool:
+    def update(self, name: str, value: Any, *, slot: int = 0, source: str = "poll", force: bool = False) -> bool:
         """Record a value read from upstream; publish a snapshot if it changed.
 
         Returns True when a new snapshot was published. A value read at an older slot
-        than the one held is dropped (a slow poll racing a newer push).
+        than the one held is dropped (a slow poll racing a newer push), unless ``force``
+        (a feed adopting a new parent's state: its slot is taken as is).
         """
-        if name not in self._fields:
-            raise KeyError(name)
-        held = self._fields[name]
-        if held is not None and slot and held.slot and slot < held.slot:
-            self._dropped_older += 1
-            return False
+        return self.update_many({name: value}, slot=slot, source=source, force=force)
+
+    def update_many(
+        self, values: Mapping[str, Any], *, slot: int = 0, source: str = "poll", force: bool = False
+    ) -> bool:
+        """:meth:`update` for several fields read together (a parent's ``stateUpdate``).
+
+        At most one snapshot is published for all of them.
+        """
+        for name in values:
+            if name not in self._fields:
+                raise KeyError(name)
         now = trio.current_time()
-        self._fields[name] = FieldValue(value, max(slot, held.slot if held else 0), now, source)
-        self._by_source[source] = self._by_source.get(source, 0) + 1
-        if held is not None and held.value == value:
-            # Unchanged: fresher, but nothing to publish unless the stale flag flips.
-            self._confirmations += 1
-            return self.refresh_staleness()
-        self._publish()
-        return True
+        recorded = changed = False
+        for name, value in values.items():
+            held = self._fields[name]
+            if not force and held is not None and slot and held.slot and slot < held.slot:
+                self._dropped_older += 1
+                continue
+            kept = slot if force else max(slot, held.slot if held else 0)
+            self._fields[name] = FieldValue(value, kept, now, source)
+            self._by_source[source] = self._by_source.get(source, 0) + 1
+            recorded = True
+            if held is not None and held.value == value:
+                self._confirmations += 1  # unchanged: fresher, nothing to publish for it
+            else:
+                changed = True
+        if changed:
+            self._publish()
+            return True
+        # Nothing changed: publish only if the stale flag flips.
+        return self.refresh_staleness() if recorded else False
 
     def refresh_staleness(self) -> bool:
         """Republish if the ``stale`` flag of the snapshot no longer holds (called periodically)."""
