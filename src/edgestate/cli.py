@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="config file (default: $EDGESTATE_CONFIG, else ./config.toml)")
     serve.add_argument("--bind", help="HOST:PORT to listen on (overrides server.bind)")
     serve.add_argument("--demo", action="store_true", help="run against the built-in simulated upstream")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="N worker processes sharing the port, fed by one upstream-facing process "
+                            "(overrides server.workers; see docs/deployment.md)")
+    # Set by the --workers supervisor for its member processes (workers.py), not by people.
+    serve.add_argument("--worker-id", help=argparse.SUPPRESS)
+    serve.add_argument("--stats-dir", help=argparse.SUPPRESS)
     sim = sub.add_parser("simulate", help="run only the simulated upstream (Solana RPC, PubSub, price API)")
     sim.add_argument("--config", help="config whose accounts the simulator creates")
     sim.add_argument("--bind", default="127.0.0.1:8899", help="HOST:PORT (default 127.0.0.1:8899)")
@@ -52,6 +58,8 @@ def _load(args: argparse.Namespace) -> config.Config:
     cfg = config.load(args.config)
     if getattr(args, "bind", None) and args.command == "serve":
         cfg = cfg.replace("server", bind=args.bind)
+    if getattr(args, "workers", None) is not None and args.command == "serve":
+        cfg = cfg.replace("server", workers=args.workers)
     return cfg
 
 
@@ -95,7 +103,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs.setup(cfg.log)
     try:
-        if args.command == "serve":
+        if args.command == "serve" and args.worker_id is not None:
+            from .workers import run_member
+
+            trio.run(partial(run_member, cfg, member=args.worker_id, stats_dir=args.stats_dir, demo=args.demo))
+        elif args.command == "serve" and cfg.server.workers > 1:
+            from .workers import supervise
+
+            trio.run(partial(supervise, cfg, config_path=args.config, demo=args.demo))
+        elif args.command == "serve":
             from .server import serve
 
             trio.run(partial(serve, cfg, demo=args.demo))
