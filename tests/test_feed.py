@@ -10,7 +10,7 @@ from solders.keypair import Keypair
 from edgestate import config
 from edgestate.errors import ConfigError
 from edgestate.feed import Parent, ParentFeed
-from edgestate.metrics import collect
+from edgestate.metrics import collect, prometheus_text
 from edgestate.state import SharedState
 from tests.conftest import make_config, start_server, wait_for
 
@@ -101,6 +101,7 @@ async def test_child_follows_parent_to_its_websocket_clients(nursery, sim, ws_co
         doc = collect(child.services)
         assert doc["feed"]["connected"] is True and doc["feed"]["updates_applied"] >= 2
         assert doc["pool"] == {"mode": "feed"}
+        assert b"edgestate_feed_connected 1.0" in prometheus_text(child.services)
         assert child.services.pool is None and child.services.refresher is None
         await client.aclose()
         await child.shutdown()

@@ -156,7 +156,9 @@ class ParentFeed:
                 if error is None:
                     raise
                 self.last_error = f"{type(error).__name__}: {redact(str(error))}"[:200]
-                log.warning("parent %s: %s", redact(parent.ws_url), self.last_error)
+                # Once per outage at WARNING; the retries every few seconds at DEBUG.
+                level = logging.WARNING if failures == 0 else logging.DEBUG
+                log.log(level, "parent %s: %s (retrying with backoff)", redact(parent.ws_url), self.last_error)
             finally:
                 if self.connected:
                     self.connected = False
