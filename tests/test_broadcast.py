@@ -92,3 +92,36 @@ async def test_fan_out_encodes_once_and_reaches_all(autojump_clock):
         for a, b in pairs:
             a.close()
             b.close()
+
+
+async def test_back_to_back_changes_each_reach_every_client_in_order(autojump_clock):
+    cfg = make_config()
+    state = SharedState(cfg)
+    hub = Hub(cfg.ws, state)
+    pairs = [small_socketpair() for _ in range(5)]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            for i, (server, _) in enumerate(pairs):
+                hub.add(Client(hub, server, f"c{i}"))
+            for _, peer in pairs:
+                await drain(peer)
+            # Three changes before the hub task runs: none may be skipped.
+            for lamports in (1, 2, 3):
+                state.update("jackpot", lamports * 1_000_000_000, slot=lamports)
+            late = small_socketpair()
+            pairs.append(late)
+            hub.add(Client(hub, late[0], "late"))  # joins with the newest state only
+            await trio.testing.wait_all_tasks_blocked()
+            for _, peer in pairs[:-1]:
+                got = await drain(peer)
+                assert [got.count(f'"jackpot":{v}.0'.encode()) for v in (1, 2, 3)] == [1, 1, 1]
+                assert got.index(b'"jackpot":1.0') < got.index(b'"jackpot":2.0') < got.index(b'"jackpot":3.0')
+            late_got = await drain(late[1])
+            assert b'"jackpot":3.0' in late_got and b'"jackpot":1.0' not in late_got
+            assert late_got.count(b"stateUpdate") == 1  # not an older state after the newest
+            nursery.cancel_scope.cancel()
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()

@@ -30,6 +30,8 @@ log = logging.getLogger("edgestate.broadcast")
 _CHUNK = 2048
 # Replies (pong, errors) a client may have queued while its socket is full.
 _MAX_QUEUED_REPLIES = 16
+# State frames waiting for their fan-out (see Hub._outbox).
+_MAX_OUTBOX = 64
 
 
 def state_frame(snapshot: Snapshot) -> bytes:
@@ -53,6 +55,7 @@ class Client:
         "cancel_scope",
         "hub",
         "unread",
+        "seen",
     )
 
     def __init__(self, hub: Hub, sock: trio.socket.SocketType, peer: str) -> None:
@@ -68,6 +71,7 @@ class Client:
         self.last_seen = trio.current_time()
         self.cancel_scope = trio.CancelScope()
         self.unread = b""  # bytes read with the handshake that belong to the first frames
+        self.seen = 0  # publication sequence number of the newest state sent to this client
 
     def send_state(self, frame: bytes) -> None:
         """Offer a state frame; conflated with any state frame still waiting."""
@@ -166,7 +170,11 @@ class Hub:
         self._clients: dict[Client, None] = {}  # insertion-ordered set
         self._nursery: trio.Nursery | None = None
         self._frame = state_frame(state.snapshot)
-        self._version = state.snapshot.version
+        # Frames published but not yet fanned out, oldest first: every change reaches every
+        # client that keeps up, even when two arrive back to back. Bounded: past it (a
+        # fan-out far slower than the update rate) the oldest are dropped, i.e. conflated.
+        self._outbox: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=_MAX_OUTBOX)
+        self._seq = 0  # publications so far; orders what each client has seen
         self._new_version = trio.Event()
         self.peak = 0
         self.connected_total = 0
@@ -194,7 +202,10 @@ class Hub:
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         # Encode once per update, not once per client.
         self._frame = state_frame(snapshot)
-        self._version = snapshot.version
+        self._seq += 1
+        if len(self._outbox) == self._outbox.maxlen:
+            self.conflated += len(self._clients)
+        self._outbox.append((self._seq, self._frame))
         self._new_version.set()
 
     def add(self, client: Client) -> None:
@@ -202,6 +213,11 @@ class Hub:
         self._clients[client] = None
         self.connected_total += 1
         self.peak = max(self.peak, len(self._clients))
+        self.send_current(client)
+
+    def send_current(self, client: Client) -> None:
+        """Send the newest state now; older ones still waiting for fan-out skip this client."""
+        client.seen = self._seq
         client.send_state(self._frame)
 
     def discard(self, client: Client) -> None:
@@ -220,26 +236,24 @@ class Hub:
                 self._nursery = nursery
                 nursery.start_soon(self._heartbeat)
                 task_status.started()
-                sent = self._version
                 while True:
                     await self._new_version.wait()
                     self._new_version = trio.Event()
-                    if self._version != sent:
-                        sent = self._version
-                        await self._fan_out()
+                    while self._outbox:
+                        await self._fan_out(*self._outbox.popleft())
         finally:
             self._nursery = None
             self._unsubscribe()
 
-    async def _fan_out(self) -> None:
+    async def _fan_out(self, seq: int, frame: bytes) -> None:
         started, cpu0 = trio.current_time(), time.process_time()
         clients = list(self._clients)
         for i in range(0, len(clients), _CHUNK):
-            # Re-read the frame per chunk: if a newer state arrived meanwhile, the rest
-            # of the clients get that one (they would have been conflated anyway).
-            frame = self._frame
             for client in clients[i : i + _CHUNK]:
-                client.send_state(frame)
+                if client.seen < seq:  # never send a client an older state than it has
+                    client.seen = seq
+                    client.send_state(frame)
+            # Let other tasks (HTTP, reads) run between chunks of a large fan-out.
             await trio.lowlevel.checkpoint()
         self.broadcasts += 1
         self._durations.append(trio.current_time() - started)

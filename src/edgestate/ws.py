@@ -158,7 +158,7 @@ class _Session:
             return
         kind = message.get("type") if isinstance(message, dict) else None
         if kind == "getState":
-            self.client.send_state(self.hub.current_frame)
+            self.hub.send_current(self.client)
         elif kind == "ping":
             self.client.send_reply(_PONG)
         elif isinstance(message, dict):
