@@ -93,6 +93,8 @@ async def test_workers_share_the_port_all_get_updates_and_a_killed_worker_comes_
                 doc = (await api.get("/stats")).json()
                 assert doc["server"]["worker"]["role"] == "worker" and doc["feed"]["connected"] is True
                 assert doc["workers"]["workers"] == 2 and doc["workers"]["total"]["websocket_clients"] == 12
+                everyone = (await api.get("/stats", params={"scope": "all"})).json()
+                assert everyone["scope"] == "all" and {"0", "1", "feed"} <= set(everyone["members"])
 
                 # One upstream change reaches every client of every worker.
                 sim.world.set_jackpot(42_000_000_000)

@@ -375,9 +375,10 @@ def from_dict(raw: Mapping[str, Any], *, source: str = "(defaults)", environ: Ma
         if not name.startswith("EDGESTATE_") or name == "EDGESTATE_CONFIG":
             continue
         rest = name[len("EDGESTATE_") :].lower()
-        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
-        if section is None:
+        found = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        if found is None:
             raise ConfigError(f"environment {name}: unknown section{_closest(rest.split('_')[0], list(_SECTIONS))}")
+        section = found
         key = rest[len(section) + 1 :]
         known = _keys(section)
         if key not in known:

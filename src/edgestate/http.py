@@ -436,7 +436,12 @@ def create_app(services: Services) -> FastPath:
 
     @app.get("/stats")
     async def stats() -> Response:
-        doc = metrics.collect(services)
+        from . import workers  # deferred: workers imports the server, which imports this module
+
+        # ?scope=all in a worker group: every member's figures (workers.py), else this process's.
+        doc = (workers.collect_all(services) if request.args.get("scope") == "all" else None) or metrics.collect(
+            services
+        )
         return Response(json.dumps(doc, indent=2, default=str), content_type=JSON,
                         headers={"cache-control": "no-store"})
 

@@ -105,5 +105,5 @@ class _Collector:
 def prometheus_text(services: Services) -> bytes:
     """The figures of :func:`collect` in Prometheus text exposition format."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(services))  # type: ignore[arg-type]
+    registry.register(_Collector(services))
     return generate_latest(registry)

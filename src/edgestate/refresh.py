@@ -121,7 +121,7 @@ class Refresher:
     async def _read_participants(self) -> None:
         lottery = self._cfg.lottery
         result = await self._rpc.count_program_accounts(
-            lottery.program_id, lottery.participant_filters, priority=Priority.STATE
+            lottery.program_id, lottery.participant_filters, priority=Priority.STATE, cached=False
         )
         if not result.stale:
             self._state.update("participants", result.value, slot=result.slot, source="poll")

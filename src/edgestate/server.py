@@ -214,7 +214,8 @@ class EmbeddedHypercorn:
         self._connections.start_soon(self._serve, stream)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
-        server = TCPServer(self._app, self._hcfg, self._context, ConnectionState(self._lifespan_state.copy()), stream)
+        # TCPServer is annotated for SSLStream but handles a plain SocketStream (its non-TLS path).
+        server = TCPServer(self._app, self._hcfg, self._context, ConnectionState(self._lifespan_state.copy()), stream)  # type: ignore[arg-type]
         try:
             await server.run()
         finally:
