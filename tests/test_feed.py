@@ -108,9 +108,6 @@ async def test_child_follows_parent_to_its_websocket_clients(nursery, sim, ws_co
         await root.shutdown()
 
 
-# The root polls fast here, and a poll in flight when the root stops leaves an unfinished
-# httpx request-body generator behind (the pool's, not the feed's; reported on issue 7).
-@pytest.mark.filterwarnings("ignore:Async generator 'httpx._content.ByteStream.__aiter__':ResourceWarning")
 async def test_ten_children_cost_the_providers_what_one_node_costs(nursery, sim):
     fast = {"polling_interval": 3600.0, "participants_interval": 0.5, "price_interval": 0.5}
     with trio.fail_after(15):

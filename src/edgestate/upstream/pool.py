@@ -251,6 +251,36 @@ def _rpc_error(obj: Any) -> RpcError | None:
     return RpcError(code, message, obj.get("data"))
 
 
+class _Body(httpx.AsyncByteStream):
+    """A request body httpx can send without an async generator.
+
+    httpx's own byte stream is an async generator; when a request is cancelled mid-send
+    (a deadline, or shutdown) it is left unfinished and Trio warns when it is collected.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._data is None:
+            raise StopAsyncIteration
+        data, self._data = self._data, None
+        return data
+
+
+def _json_request(url: str, body: bytes) -> httpx.Request:
+    # With an explicit stream httpx adds no headers of its own: give Host and length.
+    headers = {
+        "host": httpx.URL(url).netloc.decode("ascii"),
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+    }
+    return httpx.Request("POST", url, headers=headers, stream=_Body(body))
+
+
 class Pool:
     """The only path to the Solana RPC provider.
 
@@ -474,7 +504,7 @@ class Pool:
         t0 = trio.current_time()
         try:
             with trio.fail_after(max(timeout, 0.0)):
-                resp = await self._client.post(ep.url, content=body, headers={"content-type": "application/json"})
+                resp = await self._client.send(_json_request(ep.url, body))
         except (trio.TooSlowError, httpx.TimeoutException) as exc:
             self._endpoint_failed(ep, "Timeout" if isinstance(exc, trio.TooSlowError) else type(exc).__name__)
             return wires, (UpstreamTimeout, f"no reply from {ep.label} within {timeout:.1f}s"), 0.0, True
@@ -582,7 +612,7 @@ class Pool:
         body = {"jsonrpc": "2.0", "id": 0, "method": "getHealth"}
         try:
             with trio.fail_after(min(self._cfg.request_timeout, 10.0)):
-                resp = await self._client.post(ep.url, json=body)
+                resp = await self._client.send(_json_request(ep.url, json.dumps(body).encode()))
             ok = resp.status_code == 200 and resp.json().get("result") == "ok"
         except (trio.TooSlowError, httpx.HTTPError, ValueError, AttributeError):
             ok = False

@@ -109,10 +109,10 @@ class AccountSubscription:
             try:
                 await self._subscribed(conn, nursery)
             finally:
+                # No close handshake: the session only ends on an error, a server close
+                # (already answered by trio-websocket) or our shutdown; closing the stream
+                # is enough, and waiting on a cancelled reader would stall shutdown.
                 nursery.cancel_scope.cancel()
-                with trio.move_on_after(1) as cleanup:
-                    cleanup.shield = True
-                    await conn.aclose()
 
     async def _subscribed(self, conn: trio_websocket.WebSocketConnection, nursery: trio.Nursery) -> None:
         request = {
