@@ -1,4 +1,4 @@
-"""python -m bench {all,fanout,http,amplification,balances,pool,soak,report} [--quick|--full]
+"""python -m bench {all,fanout,http,amplification,balances,pool,soak,scaleout,report} [--quick|--full]
 
 Installs what it needs when missing (apt-get: nginx, libnginx-mod-nchan, wrk; npm: ws in
 bench/loadclient; pip: matplotlib for the plots), starts everything on loopback, runs bounded
@@ -20,7 +20,7 @@ import time
 from . import common
 from .common import log
 
-SCENARIOS = ("fanout", "http", "amplification", "balances", "pool", "soak")
+SCENARIOS = ("fanout", "http", "amplification", "balances", "pool", "soak", "scaleout")
 
 
 def _deps(need_nginx: bool, need_wrk: bool, need_node: bool) -> dict[str, bool]:
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--updates", type=int, default=20, help="state changes per fan-out size (default 20)")
     p.add_argument("--rate", type=float, default=4000.0, help="WebSocket connections opened per second in all")
     p.add_argument("--soak-minutes", type=float, default=10.0)
+    p.add_argument("--workers", type=int, default=6, help="scaleout: worker processes (default 6)")
     p.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = p.parse_args(argv)
     full = args.full
@@ -54,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
     todo = SCENARIOS if args.scenario == "all" else (() if args.scenario == "report" else (args.scenario,))
     if args.scenario == "all" and not full:
-        todo = tuple(s for s in todo if s != "soak")
+        todo = tuple(s for s in todo if s not in ("soak", "scaleout"))
     deps = _deps(need_nginx=bool({"fanout", "http", "amplification"} & set(todo)),
                  need_wrk="http" in todo,
-                 need_node=bool({"fanout", "amplification", "soak"} & set(todo)))
+                 need_node=bool({"fanout", "amplification", "soak", "scaleout"} & set(todo)))
     t0 = time.monotonic()
     failed = []
     for name in todo:
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "pool":
                 from . import pool
                 pool.run(20_000 if full else 5000)
+            elif name == "scaleout":
+                if not deps["node"]:
+                    continue
+                from . import scaleout
+                ns = [int(x) for x in args.ns.split(",")] if args.ns else [20_000, 50_000, 100_000]
+                scaleout.run(ns, workers=args.workers, updates=10, rate=args.rate)
             elif name == "soak":
                 if not deps["node"]:
                     continue
