@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import ssl
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -37,7 +35,6 @@ from typing import Any
 
 import httpx
 import trio
-import trio_websocket
 from solders.pubkey import Pubkey
 
 from .cache import Cache, Cached, cache_key
@@ -46,6 +43,7 @@ from .errors import Overloaded, UpstreamError, UpstreamTimeout, UpstreamUnavaila
 from .state import FIELDS, LAMPORTS_PER_SOL, SharedState
 from .upstream.ratelimit import Priority
 from .upstream.rpc import InvalidMint
+from .wsconnect import backoff_delay, network_failure, open_websocket
 
 log = logging.getLogger("edgestate.feed")
 
@@ -152,7 +150,7 @@ class ParentFeed:
             try:
                 await self._session(parent)
             except BaseException as exc:
-                error = _expected(exc)
+                error = network_failure(exc, (ParentProtocolError,))
                 if error is None:
                     raise
                 self.last_error = f"{type(error).__name__}: {redact(str(error))}"[:200]
@@ -169,59 +167,33 @@ class ParentFeed:
                 failures += 1
                 self._index = (self._index + 1) % len(self.parents)  # the next parent, if any
             self.reconnects += 1
-            await trio.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(failures, 10))))
+            await trio.sleep(backoff_delay(failures, _BACKOFF_BASE, _BACKOFF_CAP))
 
     async def _session(self, parent: Parent) -> None:
         """One connection, until it fails; sets ``_adopted`` once the parent's state is taken."""
-        parts = urllib.parse.urlsplit(parent.ws_url)
-        secure = parts.scheme == "wss"
-        host = parts.hostname or ""
-        port = parts.port or (443 if secure else 80)
-        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        with trio.fail_after(_CONNECT_TIMEOUT):
-            if secure:
-                stream: Any = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl.create_default_context())
-            else:
-                stream = await trio.open_tcp_stream(host, port)
-        # We own the stream and close it ourselves (trio-websocket 0.12 leaks it otherwise).
-        async with stream, trio.open_nursery() as nursery:
-            with trio.fail_after(_CONNECT_TIMEOUT):
-                conn = await trio_websocket.wrap_client_stream(
-                    nursery, stream, host, resource, message_queue_size=4, max_message_size=_MAX_MESSAGE
-                )
-            try:
-                nursery.start_soon(self._keepalive, conn)
-                last_version: int | None = None
-                while True:
-                    message = _loads(await conn.get_message())
-                    state = message.get("state")
-                    if message.get("type") != "stateUpdate" or not isinstance(state, dict):
-                        continue
-                    version = state.get("version")
-                    if not isinstance(version, int) or isinstance(version, bool):
-                        raise ParentProtocolError(f"stateUpdate without an integer version: {version!r}")
-                    if last_version is not None and version <= last_version:
-                        self.ignored_older += 1
-                        continue
-                    self.apply(state, first=last_version is None)
-                    last_version = version
-                    if not self._adopted:
-                        self._adopted = True
-                        self.connected = True
-                        self.connects += 1
-                        log.info("following parent %s (version %d)", redact(parent.ws_url), version)
-            finally:
-                # No close handshake: it needs the reader task, cancelled by now, and
-                # would hold a shutdown for its timeout. Closing the TCP stream is enough.
-                nursery.cancel_scope.cancel()
-
-    async def _keepalive(self, conn: trio_websocket.WebSocketConnection) -> None:
-        # A parent that vanished without a FIN would otherwise look connected forever.
-        interval = self._cfg.ws.ping_interval
-        while True:
-            await trio.sleep(interval)
-            with trio.fail_after(interval):
-                await conn.ping()
+        async with open_websocket(
+            parent.ws_url, message_queue_size=4, max_message_size=_MAX_MESSAGE,
+            ping_interval=self._cfg.ws.ping_interval, connect_timeout=_CONNECT_TIMEOUT,
+        ) as conn:
+            last_version: int | None = None
+            while True:
+                message = _loads(await conn.get_message())
+                state = message.get("state")
+                if message.get("type") != "stateUpdate" or not isinstance(state, dict):
+                    continue
+                version = state.get("version")
+                if not isinstance(version, int) or isinstance(version, bool):
+                    raise ParentProtocolError(f"stateUpdate without an integer version: {version!r}")
+                if last_version is not None and version <= last_version:
+                    self.ignored_older += 1
+                    continue
+                self.apply(state, first=last_version is None)
+                last_version = version
+                if not self._adopted:
+                    self._adopted = True
+                    self.connected = True
+                    self.connects += 1
+                    log.info("following parent %s (version %d)", redact(parent.ws_url), version)
 
     def apply(self, state: dict[str, Any], *, first: bool = False) -> int:
         """Write a parent's ``stateUpdate`` state into the local state; fields written.
@@ -471,26 +443,3 @@ def _loads(text: str | bytes) -> dict[str, Any]:
     return message
 
 
-_EXPECTED = (
-    OSError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.TooSlowError,
-    trio_websocket.HandshakeError,
-    trio_websocket.ConnectionClosed,
-    ParentProtocolError,
-)
-
-
-def _expected(exc: BaseException) -> BaseException | None:
-    """The network/protocol failure in ``exc`` (maybe inside the session's nursery group)."""
-    if isinstance(exc, _EXPECTED):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        matched, rest = exc.split(_EXPECTED)
-        if matched is not None and rest is None:
-            leaf: BaseException = matched
-            while isinstance(leaf, BaseExceptionGroup):
-                leaf = leaf.exceptions[0]
-            return leaf
-    return None

@@ -10,6 +10,7 @@ and no per-subscriber buffer can grow).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -608,15 +609,23 @@ def _compile_filters(filters: Iterable[Mapping[str, Any]]) -> Callable[[bytes], 
     for flt in filters:
         if isinstance(flt, Mapping) and set(flt) == {"dataSize"} and _is_uint(flt["dataSize"]):
             size = int(flt["dataSize"])
-            checks.append(lambda d, size=size: len(d) == size)
+            checks.append(functools.partial(_has_size, size=size))
         elif isinstance(flt, Mapping) and set(flt) == {"memcmp"} and isinstance(flt["memcmp"], Mapping):
             off, want = flt["memcmp"].get("offset"), decode_memcmp_bytes(flt["memcmp"])
-            if not _is_uint(off):
+            if not isinstance(off, int) or isinstance(off, bool) or off < 0:
                 raise ValueError(f"memcmp offset must be a non-negative integer, got {off!r}")
-            checks.append(lambda d, off=off, want=want: d[off : off + len(want)] == want)
+            checks.append(functools.partial(_has_bytes_at, offset=off, want=want))
         else:
             raise ValueError(f"unsupported filter {flt!r}")
     return lambda data: all(check(data) for check in checks)
+
+
+def _has_size(data: bytes, *, size: int) -> bool:
+    return len(data) == size
+
+
+def _has_bytes_at(data: bytes, *, offset: int, want: bytes) -> bool:
+    return data[offset : offset + len(want)] == want
 
 
 def _is_uint(value: object) -> bool:

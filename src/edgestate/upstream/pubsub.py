@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import ssl
-import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +17,7 @@ import trio
 import trio_websocket
 
 from ..config import redact
+from ..wsconnect import backoff_delay, network_failure, open_websocket
 
 log = logging.getLogger("edgestate.upstream.pubsub")
 
@@ -75,7 +73,7 @@ class AccountSubscription:
                 await self._session()
                 failures = 0  # a session that ended cleanly (server closed) retries at once
             except BaseException as exc:
-                error = _expected(exc)
+                error = network_failure(exc, (PubSubError, ValueError))
                 if error is None:
                     raise
                 failures += 1
@@ -86,35 +84,16 @@ class AccountSubscription:
                     self.up = False
                     self._on_state(False)
             self.reconnects += 1
-            await trio.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(failures, 10))))
+            await trio.sleep(backoff_delay(failures, _BACKOFF_BASE, _BACKOFF_CAP))
 
     async def _session(self) -> None:
-        parts = urllib.parse.urlsplit(self._url)
-        secure = parts.scheme == "wss"
-        host = parts.hostname or ""
-        port = parts.port or (443 if secure else 80)
-        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        with trio.fail_after(_CONNECT_TIMEOUT):
-            if secure:
-                stream: Any = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl.create_default_context())
-            else:
-                stream = await trio.open_tcp_stream(host, port)
-        # We own the stream and close it ourselves: trio-websocket 0.12 leaves it open
-        # after a server-initiated close (STACK-NOTES).
-        async with stream, trio.open_nursery() as nursery:
-            with trio.fail_after(_CONNECT_TIMEOUT):
-                conn = await trio_websocket.wrap_client_stream(
-                    nursery, stream, host, resource, message_queue_size=16, max_message_size=_MAX_MESSAGE
-                )
-            try:
-                await self._subscribed(conn, nursery)
-            finally:
-                # No close handshake: the session only ends on an error, a server close
-                # (already answered by trio-websocket) or our shutdown; closing the stream
-                # is enough, and waiting on a cancelled reader would stall shutdown.
-                nursery.cancel_scope.cancel()
+        async with open_websocket(
+            self._url, message_queue_size=16, max_message_size=_MAX_MESSAGE, ping_interval=self._ping_interval,
+            connect_timeout=_CONNECT_TIMEOUT,
+        ) as conn:
+            await self._subscribed(conn)
 
-    async def _subscribed(self, conn: trio_websocket.WebSocketConnection, nursery: trio.Nursery) -> None:
+    async def _subscribed(self, conn: trio_websocket.WebSocketConnection) -> None:
         request = {
             "jsonrpc": "2.0",
             "id": 1,
@@ -134,7 +113,6 @@ class AccountSubscription:
         self.up = True
         self._on_state(True)
         log.info("PubSub %s: subscribed to %s", redact(self._url), self._pubkey)
-        nursery.start_soon(self._keepalive, conn)
         while True:
             message = _loads(await conn.get_message())
             if message.get("method") != "accountNotification":
@@ -146,13 +124,6 @@ class AccountSubscription:
             self.notifications += 1
             self._on_change(lamports, slot)
 
-    async def _keepalive(self, conn: trio_websocket.WebSocketConnection) -> None:
-        # trio-websocket has no keepalive of its own; a silent dead socket would look "up".
-        while True:
-            await trio.sleep(self._ping_interval)
-            with trio.fail_after(self._ping_interval):
-                await conn.ping()
-
     def stats(self) -> dict[str, Any]:
         return {
             "url": redact(self._url),
@@ -162,35 +133,6 @@ class AccountSubscription:
             "notifications": self.notifications,
             "last_error": self.last_error,
         }
-
-
-_EXPECTED = (
-    OSError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.TooSlowError,
-    trio_websocket.HandshakeError,
-    trio_websocket.ConnectionClosed,
-    PubSubError,
-    ValueError,
-)
-
-
-def _expected(exc: BaseException) -> BaseException | None:
-    """The network/protocol failure in ``exc`` (maybe inside the session's nursery group).
-
-    None when ``exc`` holds anything else (a bug, or Cancelled): that must propagate.
-    """
-    if isinstance(exc, _EXPECTED):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        matched, rest = exc.split(_EXPECTED)
-        if matched is not None and rest is None:
-            leaf: BaseException = matched
-            while isinstance(leaf, BaseExceptionGroup):
-                leaf = leaf.exceptions[0]
-            return leaf
-    return None
 
 
 def _loads(text: str | bytes) -> dict[str, Any]:
