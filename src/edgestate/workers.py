@@ -109,7 +109,7 @@ def _write_atomic(tmp: Path, path: Path, data: str) -> None:
 
 
 async def _watch_supervisor(ppid: int, stop: trio.Event) -> None:
-    while os.getppid() == ppid:
+    while os.getppid() == ppid:  # noqa: ASYNC110 - no event tells us our parent died: poll
         await trio.sleep(1.0)
     log.warning("supervisor (pid %d) is gone: shutting down", ppid)
     stop.set()
