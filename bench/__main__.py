@@ -6,7 +6,7 @@ scenarios, stops what it started (by PID), and writes docs/benchmarks.md and doc
 from bench/results/*.json (each scenario run replaces its own results file).
 
   --quick   (default) under 3 minutes: fan-out 1k/5k, HTTP 5 s runs, amplification 1k/10k,
-            balances 10/100/1000, pool overhead 5,000 calls + coalescing mix
+            balances 10/100/1000, pool overhead 2,000 calls + 5 s coalescing mix
   --full    fan-out 1k/5k/10k/19k (20 updates each), HTTP 10 s, amplification 1k/10k/19k
             with 30 s windows, balances, soak 10k clients × 10 min
 """
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 balances.run([10, 100, 1000])
             elif name == "pool":
                 from . import pool
-                pool.run(20_000 if full else 5000)
+                pool.run(20_000 if full else 2000, coalescing_s=20.0 if full else 5.0)
             elif name == "scaleout":
                 if not deps["node"]:
                     continue

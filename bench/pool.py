@@ -114,7 +114,7 @@ async def _coalescing(sim: str, users: int, seconds: float, rate: float) -> dict
     }
 
 
-def run(n: int = 5000, save: bool = True) -> dict[str, Any]:
+def run(n: int = 5000, coalescing_s: float = 10.0, save: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine(), "throughput": [], "coalescing": {}}
     with Procs() as procs:
         port = free_port()
@@ -130,7 +130,7 @@ def run(n: int = 5000, save: bool = True) -> dict[str, Any]:
             row = trio.run(lambda m=method, u=upstream: _throughput(sim, n, m, **u))
             log(f"pool {row}")
             result["throughput"].append(row)
-        result["coalescing"] = trio.run(_coalescing, sim, 1000, 10.0, 500.0)
+        result["coalescing"] = trio.run(_coalescing, sim, 1000, coalescing_s, 500.0)
         log(f"coalescing {result['coalescing']}")
     if save:
         save_result("pool", result)
