@@ -25,7 +25,6 @@ than that does not take every child out of a load balancer at the same moment.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import urllib.parse
@@ -43,7 +42,7 @@ from .errors import Overloaded, UpstreamError, UpstreamTimeout, UpstreamUnavaila
 from .state import FIELDS, LAMPORTS_PER_SOL, SharedState
 from .upstream.ratelimit import Priority
 from .upstream.rpc import InvalidMint
-from .wsconnect import backoff_delay, network_failure, open_websocket
+from .wsconnect import backoff_delay, json_object, network_failure, open_websocket
 
 log = logging.getLogger("edgestate.feed")
 
@@ -434,12 +433,6 @@ def _retry_after(response: httpx.Response) -> float:
 
 
 def _loads(text: str | bytes) -> dict[str, Any]:
-    try:
-        message = json.loads(text)
-    except ValueError:
-        raise ParentProtocolError("parent sent a message that is not JSON") from None
-    if not isinstance(message, dict):
-        raise ParentProtocolError("parent sent a JSON message that is not an object")
-    return message
+    return json_object(text, ParentProtocolError, "parent")
 
 

@@ -85,24 +85,21 @@ def build_services(cfg: Config) -> Services:
     state = SharedState(cfg)
     limiter = RateLimiter(cfg.upstream.max_requests_per_second, name="upstream")
     cache = Cache(cfg.cache)
+    pool: Pool | None = None
+    refresher: Refresher | None = None
+    feed: ParentFeed | None = None
+    rpc: SolanaRpc | ParentRpc
+    prices: PriceClient | ParentPrices
     if cfg.upstream.parent:
         # A child never talks to the providers: no pool, no PubSub, no pollers.
         feed = ParentFeed(cfg, state)
-        return Services(
-            cfg=cfg,
-            state=state,
-            hub=Hub(cfg.ws, state),
-            limiter=limiter,
-            cache=cache,
-            pool=None,
-            rpc=ParentRpc(feed, cache),
-            prices=ParentPrices(feed, cache),
-            refresher=None,
-            feed=feed,
-        )
-    pool = Pool(cfg.upstream, limiter)
-    rpc = SolanaRpc(pool, cache, commitment=cfg.upstream.commitment)
-    prices = PriceClient(cfg.price, cache, batch_window=cfg.upstream.batch_window_ms / 1000)
+        rpc, prices = ParentRpc(feed, cache), ParentPrices(feed, cache)
+    else:
+        pool = Pool(cfg.upstream, limiter)
+        solana = SolanaRpc(pool, cache, commitment=cfg.upstream.commitment)
+        price_client = PriceClient(cfg.price, cache, batch_window=cfg.upstream.batch_window_ms / 1000)
+        refresher = Refresher(cfg, state, solana, price_client, limiter=limiter)
+        rpc, prices = solana, price_client
     return Services(
         cfg=cfg,
         state=state,
@@ -112,7 +109,8 @@ def build_services(cfg: Config) -> Services:
         pool=pool,
         rpc=rpc,
         prices=prices,
-        refresher=Refresher(cfg, state, rpc, prices, limiter=limiter),
+        refresher=refresher,
+        feed=feed,
     )
 
 

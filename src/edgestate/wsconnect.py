@@ -6,6 +6,7 @@ keepalive (STACK-NOTES), so the stream is opened and closed here, and pings are 
 
 from __future__ import annotations
 
+import json
 import random
 import ssl
 import urllib.parse
@@ -95,3 +96,14 @@ def network_failure(exc: BaseException, extra: tuple[type[BaseException], ...] =
                 leaf = leaf.exceptions[0]
             return leaf
     return None
+
+
+def json_object(text: str | bytes, error: type[Exception], peer: str) -> dict[str, Any]:
+    """A received message as a JSON object, else ``error`` naming ``peer``."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        raise error(f"{peer} sent a message that is not JSON") from None
+    if not isinstance(message, dict):
+        raise error(f"{peer} sent a JSON message that is not an object")
+    return message

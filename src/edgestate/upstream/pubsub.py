@@ -17,7 +17,7 @@ import trio
 import trio_websocket
 
 from ..config import redact
-from ..wsconnect import backoff_delay, network_failure, open_websocket
+from ..wsconnect import backoff_delay, json_object, network_failure, open_websocket
 
 log = logging.getLogger("edgestate.upstream.pubsub")
 
@@ -136,13 +136,7 @@ class AccountSubscription:
 
 
 def _loads(text: str | bytes) -> dict[str, Any]:
-    try:
-        message = json.loads(text)
-    except ValueError:
-        raise PubSubError("PubSub sent a message that is not JSON") from None
-    if not isinstance(message, dict):
-        raise PubSubError("PubSub sent a JSON message that is not an object")
-    return message
+    return json_object(text, PubSubError, "PubSub")
 
 
 def _parse_notification(params: dict[str, Any]) -> tuple[int, int]:
