@@ -300,16 +300,17 @@ def scaleout_section(res: dict[str, Any], plt: Any) -> list[str]:
         "",
         f"Command: `{res.get('command')}` · machine: {machine_line(res['machine'])} · `edgestate serve --workers W` "
         "(a supervisor, one upstream-facing feed process, W workers sharing the port with SO_REUSEPORT, all on "
-        "core 0); Node `ws` clients (≤ 4,500 per process and per source address) on core 1; 10 jackpot changes "
-        "per N at the simulator. RSS and CPU are summed over every process of the group. Provider calls/s = "
-        "the simulator's JSON-RPC calls + price requests per second during the window.",
+        "core 0), then nginx+nchan with W workers (`listen ... reuseport`, core 0) receiving the same message "
+        "by HTTP POST; the same Node `ws` clients (≤ 4,500 per process and per source address) on core 1; 10 "
+        "changes per N. RSS and CPU are summed over every process of the group. Provider calls/s = the "
+        "simulator's JSON-RPC calls + price requests per second during the window (edgestate rows).",
         "",
-        "| workers | N | open | missing | p50 | p99 | last (median / worst) | RSS/conn | group RSS | CPU/client/broadcast | provider calls/s | connect |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | workers | N | open | missing | p50 | p99 | last (median / worst) | RSS/conn | group RSS | CPU/client/broadcast | provider calls/s | connect |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
-            f"| {r['workers']} | {r['n']:,} | {r['clients_open']:,} | {r['missing']:,} of {r['expected']:,} | "
+            f"| {r.get('server', 'edgestate')} | {r['workers']} | {r['n']:,} | {r['clients_open']:,} | {r['missing']:,} of {r['expected']:,} | "
             f"{_fmt(r['p50_ms'])} ms | {_fmt(r['p99_ms'])} ms | {_fmt(r['last_ms_median'])} / "
             f"{_fmt(r['last_ms_max'])} ms | {_fmt(r['rss_per_conn_kb'])} KB | {_fmt(r['rss_mb'])} MB | "
             f"{_fmt(r['cpu_per_client_us'])} µs | {_fmt(r['provider_calls_per_s'], 2)} | {_fmt(r['connect_s'])} s |"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .common import (
@@ -79,8 +80,63 @@ def _rpc_calls(stack: Stack) -> int:
     return int(c["rpc_calls"]) + int(c["price_requests"])
 
 
-def run_workers(ns: list[int], workers: int, updates: int = 10, rate: float = 4000.0) -> list[dict[str, Any]]:
+def _sweep(name: str, ns: list[int], ws_url: str, pids: Callable[[], list[int]], publish: Callable[[int], float],
+           stack: Stack, procs: Procs, pool: AddressPool, rate: float, updates: int,
+           label: dict[str, Any]) -> list[dict[str, Any]]:
+    """Top the clients up to each N, make ``updates`` changes, measure the group ``pids()``."""
     rows: list[dict[str, Any]] = []
+    rss_idle = sum(rss_kb(p) for p in pids())
+    clients = LoadClients(procs, pool, name=f"lc-{name}")
+    connected, seq = 0, 0
+    try:
+        for n in ns:
+            t_conn = time.monotonic()
+            clients.add(ws_url, n - connected, rate=rate, per_proc=4500)
+            connect_s = time.monotonic() - t_conn
+            connected = n
+            time.sleep(2.0)
+            group = pids()
+            rss_n = sum(rss_kb(p) for p in group)
+            clients.reset()
+            interval = max(0.5, 0.2 + n * 50e-6)
+            sent: list[tuple[int, float]] = []
+            calls0, cpu0, t0 = _rpc_calls(stack), sum(cpu_s(p) for p in group), time.monotonic()
+            for _ in range(updates):
+                seq += 1
+                lamports = BASE_LAMPORTS + seq * 1_000_003
+                sent.append((lamports, publish(lamports)))
+                time.sleep(interval)
+            window = time.monotonic() - t0
+            cpu = sum(cpu_s(p) for p in group) - cpu0
+            calls = _rpc_calls(stack) - calls0
+            time.sleep(max(2.5, interval))
+            a = _analyse(clients.dump(f"{name}-{n}"), sent, n)
+            row = {
+                "server": name, **label, "n": n, "updates": updates, "interval_s": interval,
+                "connect_s": round(connect_s, 1),
+                "processes": len(group),
+                "rss_idle_mb": round(rss_idle / 1024, 1), "rss_mb": round(rss_n / 1024, 1),
+                "rss_per_conn_kb": round((rss_n - rss_idle) / n, 2),
+                "cpu_per_broadcast_ms": round(cpu / updates * 1000, 1),
+                "cpu_per_client_us": round(cpu / updates / n * 1e6, 2),
+                "provider_calls_per_s": round(calls / window, 2),
+                **{k: v for k, v in a.items() if k != "client_stats"},
+                "clients_open": sum(s["open"] for s in a["client_stats"]),
+                "clients_failed": sum(s["failed"] for s in a["client_stats"]),
+            }
+            rows.append(row)
+            log(f"  {name} N={n}: open {row['clients_open']}, missing {row['missing']}, "
+                f"p50 {row['p50_ms']} / p99 {row['p99_ms']} / last {row['last_ms_median']} ms, "
+                f"{row['rss_per_conn_kb']} KB/conn, {row['cpu_per_client_us']} µs/client, "
+                f"provider {row['provider_calls_per_s']} calls/s")
+            clients.reset()
+    finally:
+        clients.close()
+    return rows
+
+
+def run_workers(ns: list[int], workers: int, updates: int = 10, rate: float = 4000.0) -> list[dict[str, Any]]:
+    """edgestate --workers W, then nginx+nchan with W workers: same clients, same message."""
     pool = AddressPool()
     with Procs() as procs:
         stack = Stack(procs)
@@ -91,60 +147,33 @@ def run_workers(ns: list[int], workers: int, updates: int = 10, rate: float = 40
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/ready", timeout=60)
         time.sleep(2.0)
-        pids = _group_pids(sup.pid)
-        rss_idle = sum(rss_kb(p) for p in pids)
         sim = KeepAlive("127.0.0.1", stack.sim_port)
-        clients = LoadClients(procs, pool, name="lc-workers")
-        connected, seq = 0, 0
-        try:
-            for n in ns:
-                t_conn = time.monotonic()
-                clients.add(f"ws://127.0.0.1:{port}/ws", n - connected, rate=rate, per_proc=4500)
-                connect_s = time.monotonic() - t_conn
-                connected = n
-                time.sleep(2.0)
-                pids = _group_pids(sup.pid)
-                rss_n = sum(rss_kb(p) for p in pids)
-                _, everyone = http("GET", url + "/stats?scope=all")
-                subs = (everyone or {}).get("summary", {}) if isinstance(everyone, dict) else {}
-                clients.reset()
-                interval = max(0.5, 0.2 + n * 50e-6)
-                sent: list[tuple[int, float]] = []
-                calls0, cpu0, t0 = _rpc_calls(stack), sum(cpu_s(p) for p in pids), time.monotonic()
-                for _ in range(updates):
-                    seq += 1
-                    lamports = BASE_LAMPORTS + seq * 1_000_003
-                    t = time.time()
-                    sim.post("/control/jackpot", json.dumps({"lamports": lamports}).encode())
-                    sent.append((lamports, t))
-                    time.sleep(interval)
-                window = time.monotonic() - t0
-                cpu = sum(cpu_s(p) for p in pids) - cpu0
-                calls = _rpc_calls(stack) - calls0
-                time.sleep(max(2.5, interval))
-                a = _analyse(clients.dump(f"workers-{n}"), sent, n)
-                row = {
-                    "workers": workers, "n": n, "updates": updates, "interval_s": interval,
-                    "connect_s": round(connect_s, 1),
-                    "processes": len(pids),
-                    "rss_idle_mb": round(rss_idle / 1024, 1), "rss_mb": round(rss_n / 1024, 1),
-                    "rss_per_conn_kb": round((rss_n - rss_idle) / n, 2),
-                    "cpu_per_broadcast_ms": round(cpu / updates * 1000, 1),
-                    "cpu_per_client_us": round(cpu / updates / n * 1e6, 2),
-                    "provider_calls_per_s": round(calls / window, 2),
-                    "summary": subs,
-                    **{k: v for k, v in a.items() if k != "client_stats"},
-                    "clients_open": sum(s["open"] for s in a["client_stats"]),
-                    "clients_failed": sum(s["failed"] for s in a["client_stats"]),
-                }
-                rows.append(row)
-                log(f"  workers={workers} N={n}: open {row['clients_open']}, missing {row['missing']}, "
-                    f"p50 {row['p50_ms']} / p99 {row['p99_ms']} / last {row['last_ms_median']} ms, "
-                    f"{row['rss_per_conn_kb']} KB/conn, {row['cpu_per_client_us']} µs/client, "
-                    f"provider {row['provider_calls_per_s']} calls/s")
-                clients.reset()
-        finally:
-            clients.close()
+        _, state = http("GET", url + "/api/state")
+
+        def publish_es(lamports: int) -> float:
+            t = time.time()
+            sim.post("/control/jackpot", json.dumps({"lamports": lamports}).encode())
+            return t
+
+        rows = _sweep("edgestate", ns, f"ws://127.0.0.1:{port}/ws", lambda: _group_pids(sup.pid), publish_es,
+                      stack, procs, pool, rate, updates, {"workers": workers})
+        procs.stop(sup)
+
+        stack.start_nginx(nchan=True, workers=workers)
+        ng = KeepAlive("127.0.0.1", stack.ng_port)
+        nginx_master = next(p for name, p in procs.items if name.startswith("nginx-")).pid
+        template = dict(state)
+
+        def publish_ng(lamports: int) -> float:
+            template["jackpot"] = lamports / 1e9
+            body = json.dumps({"type": "stateUpdate", "state": template}, separators=(",", ":")).encode()
+            t = time.time()
+            ng.post("/pub", body)
+            return t
+
+        publish_ng(BASE_LAMPORTS)
+        rows += _sweep("nchan", ns, f"ws://127.0.0.1:{stack.ng_port}/sub", lambda: _group_pids(nginx_master),
+                       publish_ng, stack, procs, pool, rate, updates, {"workers": workers})
     return rows
 
 

@@ -124,7 +124,8 @@ level = "warning"
         return body
 
     # ------------------------------------------------------------ nginx
-    def start_nginx(self, *, nchan: bool = False, static_body: bytes | None = None, proxy_cache: bool = False) -> None:
+    def start_nginx(self, *, nchan: bool = False, static_body: bytes | None = None, proxy_cache: bool = False,
+                    workers: int = 1) -> None:
         self.ng_port = free_port()
         d = self.dir / f"nginx-{self.ng_port}"
         (d / "logs").mkdir(parents=True)
@@ -154,7 +155,7 @@ level = "warning"
         load = "load_module /usr/lib/nginx/modules/ngx_nchan_module.so;" if nchan else ""
         conf.write_text(f"""{load}
 user root;
-worker_processes 1;
+worker_processes {workers};
 worker_rlimit_nofile 20000;
 pid {d}/nginx.pid;
 error_log {d}/logs/error.log warn;
@@ -165,7 +166,7 @@ http {{
   uwsgi_temp_path {d}/tmp_uwsgi; scgi_temp_path {d}/tmp_scgi;
   keepalive_requests 1000000;{upstream}
   server {{
-    listen 127.0.0.1:{self.ng_port} backlog=4096;{''.join(locations)}
+    listen 127.0.0.1:{self.ng_port} backlog=4096{' reuseport' if workers > 1 else ''};{''.join(locations)}
   }}
 }}
 """)
