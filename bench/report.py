@@ -456,6 +456,10 @@ def write() -> Path:
         "- nginx runs one worker (`worker_processes 1`, `worker_connections 40000`, `worker_rlimit_nofile 20000`); "
         "with 19,800 worker connections nchan ran out of connections at 19k subscribers (\"worker_connections are "
         "not enough\"), so nchan needs more than one nginx connection slot per subscriber near the cap.",
+        "- nginx `proxy_cache` runs without `proxy_cache_lock`: with the lock on, requests that find the entry "
+        "being refreshed wait for it in nginx's 500 ms lock-polling steps (measured: p99 391-447 ms at ~35k req/s, "
+        "0.6 origin req/s); without it p99 was 3.7 ms and the origin saw ~7 req/s. `proxy_cache_use_stale updating` "
+        "+ `proxy_cache_background_update on` keep serving the cached copy meanwhile.",
         "- The machine is shared: other processes (test suites) ran on both cores during some runs; "
         "`machine.loadavg_at_end` in each results file shows it. Absolute HTTP rates here are ~4x below "
         "STACK-NOTES' figures for the same stack, and the bare-ASGI baseline (same run) dropped by the same "

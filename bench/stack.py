@@ -147,7 +147,7 @@ level = "warning"
             locations.append("""
     location /api/ {
       proxy_pass http://edgestate; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_cache edge; proxy_cache_lock on; proxy_cache_background_update on;
+      proxy_cache edge; proxy_cache_background_update on;
       proxy_cache_use_stale updating error timeout http_502 http_503 http_504;
       add_header X-Cache-Status $upstream_cache_status;
     }""")
