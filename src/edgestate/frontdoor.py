@@ -16,6 +16,7 @@ import email.utils
 import enum
 import socket
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -58,7 +59,7 @@ async def peek_head(stream: trio.SocketStream, timeout: float) -> bytes | None:
     return None
 
 
-def classify(head: bytes | None, fast_paths: frozenset[str]) -> Kind:
+def classify(head: bytes | None, is_fast: Callable[[str], bool]) -> Kind:
     if head is None:
         return Kind.OTHER
     line_end = head.find(b"\r\n")
@@ -68,7 +69,7 @@ def classify(head: bytes | None, fast_paths: frozenset[str]) -> Kind:
     method, target = parts[0], parts[1]
     if method == b"GET" and (target == b"/ws" or target.startswith(b"/ws?")):
         return Kind.WEBSOCKET
-    if method in (b"GET", b"HEAD") and target.decode("latin-1") in fast_paths and parts[2] == b"HTTP/1.1":
+    if method in (b"GET", b"HEAD") and parts[2] == b"HTTP/1.1" and is_fast(target.decode("latin-1")):
         return Kind.FAST
     return Kind.OTHER
 
@@ -105,7 +106,7 @@ class RawHttp:
 
     def __init__(self, fast: FastPath) -> None:
         self._fast = fast
-        self.paths = fast.paths
+        self.is_fast = fast.is_fast
         self._date = _Date()
         self._idle: set[trio.CancelScope] = set()
         self._stopping = False
@@ -130,8 +131,11 @@ class RawHttp:
                     return False  # unusual: let the full HTTP implementation answer
                 method, target = head[: head.find(b"\r\n")].split(b" ")[:2]
                 close = self._stopping or headers.get("connection", "").lower() == "close"
+                await self._fast.prepare(method.decode(), target.decode("latin-1"))
                 response = self._fast.raw_response(method.decode(), target.decode("latin-1"), headers, peer,
                                                    self._date.get(), close)
+                if response is None:
+                    return False  # not in memory: the app answers (nothing consumed yet)
                 await stream.receive_some(len(head))  # consume exactly the head we answer
                 await stream.send_all(response)
                 if close:
@@ -144,7 +148,7 @@ class RawHttp:
                         self._idle.discard(idle)
                 if idle.cancelled_caught or next_head is None:
                     break
-                if classify(next_head, self.paths) is not Kind.FAST:
+                if classify(next_head, self.is_fast) is not Kind.FAST:
                     return False
                 head = next_head
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

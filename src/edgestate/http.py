@@ -27,6 +27,7 @@ from solders.pubkey import Pubkey
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, metrics
+from .cache import Cached
 from .errors import EdgeStateError, Overloaded, RateLimited, UpstreamTimeout
 from .state import Snapshot
 from .upstream.rpc import InvalidMint
@@ -142,6 +143,7 @@ class ClientLimiter:
 
 
 _IN_MEMORY_ROUTES = frozenset({"/api/state", "/api/lottery/state", "/api/lottery/participants/count"})
+_PRICE_PREFIX = "/api/price/"
 
 
 class _Views:
@@ -189,8 +191,6 @@ class FastPath:
     routes on plain HTTP/1.1 connections; both paths share :meth:`respond`.
     """
 
-    paths = _IN_MEMORY_ROUTES
-
     def __init__(self, app: QuartTrio, services: Services, helpers: _Helpers) -> None:
         self._app = app
         self._services = services
@@ -210,18 +210,54 @@ class FastPath:
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
         self._helpers.record(scope["method"], path, client, status, started)
 
+    async def prepare(self, method: str, path: str) -> None:
+        """Fetch what :meth:`raw_response` will need (a price not in memory yet).
+
+        Failures are left to the app: the price stays out of memory, the connection is
+        handed over, and the app answers with the proper error.
+        """
+        if method not in ("GET", "HEAD") or not path.startswith(_PRICE_PREFIX):
+            return
+        mint = path[len(_PRICE_PREFIX) :]
+        if mint in self._helpers.price_bodies:
+            return
+        try:
+            Pubkey.from_string(mint)
+            cached = await self._services.prices.get_price(mint)
+        except (EdgeStateError, ValueError):
+            return
+        if cached.value is not None:
+            self._helpers.price_body(mint, cached)
+
+    @staticmethod
+    def is_fast(path: str) -> bool:
+        """Whether the front door may try to answer ``path`` itself."""
+        return path in _IN_MEMORY_ROUTES or (path.startswith(_PRICE_PREFIX) and "?" not in path)
+
     def raw_response(self, method: str, path: str, headers: dict[str, str], client: str, date: bytes,
-                     close: bool) -> bytes:
-        """The whole HTTP/1.1 response (head and body) as one byte string."""
+                     close: bool) -> bytes | None:
+        """The whole HTTP/1.1 response (head and body) as one byte string.
+
+        None when it cannot be answered from memory (a price not recently served): the
+        connection then goes to the full app.
+        """
         started = trio.current_time()
-        status, body, extra = self.respond(method, path, headers, client)
+        if path.startswith(_PRICE_PREFIX):
+            answer = self._price_answer(method, path[len(_PRICE_PREFIX) :], headers, client)
+            if answer is None:
+                return None
+            status, body, extra = answer
+            route = "/api/price/<mint>"
+        else:
+            status, body, extra = self.respond(method, path, headers, client)
+            route = path
         lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"")), b"date: " + date, b"server: edgestate"]
         lines += [name + b": " + value for name, value in extra]
         if status not in (204, 304) and not any(name == b"content-length" for name, _ in extra):
             lines.append(b"content-length: %d" % len(body))
         if close:
             lines.append(b"connection: close")
-        self._helpers.record(method, path, client, status, started)
+        self._helpers.record(method, route, client, status, started, path)
         return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if method == "HEAD" else body)
 
     def respond(self, method: str, path: str, headers: dict[str, str], client: str
@@ -238,6 +274,22 @@ class FastPath:
             body = error_body("method_not_allowed", f"{method} not allowed on {path}")
             extra = [(b"content-type", b"application/json"), (b"allow", b"GET, HEAD, OPTIONS")]
         return status, body, extra + h.cors_headers(origin)
+
+    def _price_answer(self, method: str, mint: str, headers: dict[str, str], client: str
+                      ) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        """A price the app served moments ago, from its prebuilt body; None otherwise."""
+        h = self._helpers
+        entry = h.price_bodies.get(mint) if method in ("GET", "HEAD") else None
+        if entry is None:
+            return None
+        if not h.allow(client, headers.get("x-forwarded-for")):
+            return 429, h.rate_limited_body, [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+        body, etag, _expires = entry
+        cache = [(b"etag", etag.encode()), (b"cache-control", h.price_cache_control.encode())]
+        cors = h.cors_headers(headers.get("origin"))
+        if _etag_matches(headers.get("if-none-match"), etag):
+            return 304, b"", cache + cors
+        return 200, body, [(b"content-type", b"application/json"), *cache, *cors]
 
     def _answer(self, path: str, headers: dict[str, str], client: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         h = self._helpers
@@ -273,6 +325,12 @@ class _Helpers:
         ttl = max(1, int(cfg.cache.ttl))
         self.price_cache_control = f"public, max-age={ttl}, stale-while-revalidate={2 * ttl}"
         self.rate_limited_body = error_body("rate_limited", f"over {cfg.api.per_client_rps:g} requests/s per client")
+        # Price bodies the app built, kept while the price cache still holds them fresh,
+        # so the front door can answer repeats without the framework: mint -> (body, etag, expires).
+        self.price_ttl = cfg.cache.method_ttls.get("price", cfg.cache.ttl)
+        self.price_bodies: cachetools.TLRUCache[str, tuple[bytes, str, float]] = cachetools.TLRUCache(
+            maxsize=10_000, ttu=lambda _mint, entry, _now: entry[2], timer=trio.current_time
+        )
 
     def origin_allowed(self, origin: str | None) -> bool:
         return origin is not None and (not self.allowed or origin in self.allowed)
@@ -282,6 +340,16 @@ class _Helpers:
             return []
         value = b"*" if not self.allowed else origin.encode("latin-1")  # type: ignore[union-attr]
         return [(b"access-control-allow-origin", value), (b"vary", b"Origin")]
+
+    def price_body(self, mint: str, cached: Cached[float | None]) -> tuple[bytes, str]:
+        """The GET /api/price body and ETag; kept for the front door while still fresh."""
+        last_update = int(time.time() * 1000 - cached.age * 1000)
+        body = json.dumps({"mint": mint, "price": cached.value, "lastUpdate": last_update, "stale": cached.stale},
+                          separators=(",", ":")).encode()
+        etag = _etag(body)
+        if not cached.stale and self.price_ttl - cached.age > 0:
+            self.price_bodies[mint] = (body, etag, trio.current_time() + self.price_ttl - cached.age)
+        return body, etag
 
     def preflight_headers(self, origin: str | None) -> list[tuple[bytes, bytes]]:
         if not self.origin_allowed(origin):
@@ -456,10 +524,7 @@ def create_app(services: Services) -> FastPath:
         cached = await services.prices.get_price(mint)
         if cached.value is None:
             return _error(404, "no_price", f"the price API has no price for {mint}")
-        last_update = int(time.time() * 1000 - cached.age * 1000)
-        body = json.dumps({"mint": mint, "price": cached.value, "lastUpdate": last_update, "stale": cached.stale},
-                          separators=(",", ":")).encode()
-        etag = _etag(body)
+        body, etag = helpers.price_body(mint, cached)
         headers = {"etag": etag, "cache-control": helpers.price_cache_control}
         if _etag_matches(request.headers.get("if-none-match"), etag):
             return Response(b"", status=304, headers=headers)

@@ -269,7 +269,7 @@ async def serve(
 
                 async def dispatch(stream: trio.SocketStream) -> None:
                     head = await frontdoor.peek_head(stream, _FIRST_REQUEST_TIMEOUT)
-                    kind = frontdoor.classify(head, raw_http.paths)
+                    kind = frontdoor.classify(head, raw_http.is_fast)
                     if kind is frontdoor.Kind.WEBSOCKET:
                         await serve_ws(stream, services.hub, cfg)
                     elif kind is frontdoor.Kind.FAST and head is not None and await raw_http.serve(stream, head):
