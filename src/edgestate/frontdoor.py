@@ -2,8 +2,8 @@
 
 Every connection's first request head is *peeked* (MSG_PEEK), not read, so a connection
 can still be handed to Hypercorn untouched. ``GET /ws`` goes to the WebSocket path. A
-plain ``GET``/``HEAD`` of an in-memory route (/api/state and the lottery views) is
-answered here with response bytes built once per state version and sent in one write:
+plain ``GET``/``HEAD`` of an in-memory route (/api/state, the lottery views, a price served
+within its TTL) is answered here with bodies built once per change and sent in one write:
 the route every browser and CDN polls skips h11, ASGI and the framework (measured: they
 are ~95% of the cost of such a request, docs/benchmarks.md). Anything else, on the first
 request or any later one of a keep-alive connection, is handed to Hypercorn at a request
