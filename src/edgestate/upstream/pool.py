@@ -22,10 +22,10 @@ from typing import Any
 
 import httpx
 import trio
-from solders.pubkey import Pubkey
 
 from ..config import UpstreamConfig, redact
-from ..errors import EdgeStateError, Overloaded, RpcError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import Overloaded, RpcError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .batching import GMA_MAX, Call, ErrSpec, Window, Wire
 from .ratelimit import Priority, RateLimiter
 
 log = logging.getLogger("edgestate.upstream")
@@ -35,11 +35,7 @@ _BACKOFF_CAP = 5.0
 _DOWN_AFTER = 3  # consecutive transport/5xx failures before an endpoint is marked down
 _PROBE_EVERY = 2.0
 _PROBE_CAP = 30.0
-_GMA_MAX = 100  # getMultipleAccounts accepts at most 100 keys
-_MERGE_CONFIG_KEYS = frozenset({"commitment", "encoding", "dataSlice", "minContextSlot"})
-_BALANCE_SLICE = {"encoding": "base64", "dataSlice": {"offset": 0, "length": 0}}
 _ITEM_RETRY = frozenset({429})  # per-item error codes worth another attempt
-_ErrSpec = tuple[type[EdgeStateError], str]
 
 
 class _RedactUrls(logging.Filter):
@@ -60,155 +56,10 @@ def _redact_httpx_logs() -> None:
         httpx_log.addFilter(_RedactUrls())
 
 
-class _Call:
-    """One caller's request and its one-shot result slot."""
-
-    __slots__ = ("method", "params", "priority", "deadline", "done", "result", "error", "gone")
-
-    def __init__(self, method: str, params: list[Any] | None, priority: Priority, deadline: float) -> None:
-        self.method, self.params, self.priority, self.deadline = method, params, priority, deadline
-        self.done = trio.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.gone = False  # the caller timed out or was cancelled: drop its result
-
-    @property
-    def waiting(self) -> bool:
-        return not self.gone and not self.done.is_set()
-
-    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
-        if not self.done.is_set():
-            self.result, self.error = result, error
-            self.done.set()
-
-
-class _Wire:
-    """One JSON-RPC item on the wire, answering one or more calls.
-
-    ``keys`` is set for a merged getMultipleAccounts; each waiter then carries the
-    index of its key and the shape it expects back.
-    """
-
-    __slots__ = ("method", "params", "waiters", "keys")
-
-    def __init__(self, method: str, params: list[Any] | None, keys: list[str] | None = None) -> None:
-        self.method, self.params, self.keys = method, params, keys
-        self.waiters: list[tuple[_Call, int, str]] = []
-
-    def alive(self) -> bool:
-        return any(c.waiting for c, _, _ in self.waiters)
-
-    def deliver(self, result: Any) -> None:
-        if self.keys is None:
-            for call, _, _ in self.waiters:
-                call.resolve(result)
-            return
-        ok = (
-            isinstance(result, dict)
-            and isinstance(result.get("value"), list)
-            and len(result["value"]) == len(self.keys)
-        )
-        for call, idx, kind in self.waiters:
-            acct = result["value"][idx] if ok else None
-            if not ok or not (acct is None or isinstance(acct, dict)):
-                call.resolve(error=UpstreamError(f"{call.method}: unexpected getMultipleAccounts reply shape"))
-            elif kind == "getBalance":
-                lamports = 0 if acct is None else acct.get("lamports")  # Solana answers 0 for no account
-                if isinstance(lamports, int) and not isinstance(lamports, bool):
-                    call.resolve({"context": result.get("context"), "value": lamports})
-                else:
-                    call.resolve(error=UpstreamError(f"getBalance: no lamports in merged reply: {lamports!r}"))
-            else:
-                call.resolve({"context": result.get("context"), "value": acct})
-
-    def fail(self, spec: _ErrSpec | RpcError) -> None:
-        for call, _, _ in self.waiters:
-            if isinstance(spec, RpcError):  # a fresh instance per caller: tracebacks stay apart
-                err: EdgeStateError = RpcError(spec.code, spec.rpc_message, spec.data)
-            else:
-                err = spec[0](spec[1])
-            call.resolve(error=err)
-
-
-class _Window:
-    """The calls of one batching window, deduped and merged (pure sync logic)."""
-
-    def __init__(self) -> None:
-        self.plain: dict[str, _Wire] = {}
-        # gMA config (canonical JSON) -> (config, pubkey -> [(call, kind)])
-        self.groups: dict[str, tuple[dict[str, Any], dict[str, list[tuple[_Call, str]]]]] = {}
-        self.calls = 0
-        self.wires = 0
-
-    def add(self, call: _Call) -> None:
-        self.calls += 1
-        merge = _merge_target(call)
-        if merge is None:
-            try:
-                key = json.dumps([call.method, call.params], sort_keys=True, separators=(",", ":"))
-            except (TypeError, ValueError) as exc:  # a caller bug: fail that caller, not the window
-                call.resolve(error=TypeError(f"{call.method}: params are not JSON-serializable: {exc}"))
-                return
-            if key not in self.plain:
-                self.plain[key] = _Wire(call.method, call.params)
-                self.wires += 1
-            self.plain[key].waiters.append((call, 0, call.method))
-            return
-        gkey, config, pubkey = merge
-        group = self.groups.setdefault(gkey, (config, {}))[1]
-        if pubkey not in group:
-            if len(group) % _GMA_MAX == 0:
-                self.wires += 1
-            group[pubkey] = []
-        group[pubkey].append((call, call.method))
-
-    def build(self) -> tuple[list[_Wire], int]:
-        """The wire items of this window and how many calls were merged."""
-        wires = list(self.plain.values())
-        merged = 0
-        for config, group in self.groups.values():
-            entries = list(group.items())
-            if len(entries) == 1 and len({kind for _, kind in entries[0][1]}) == 1:
-                first = entries[0][1][0][0]  # one key, one shape: send the call as it came
-                wire = _Wire(first.method, first.params)
-                wire.waiters = [(c, 0, k) for c, k in entries[0][1]]
-                wires.append(wire)
-                continue
-            for start in range(0, len(entries), _GMA_MAX):
-                chunk = entries[start : start + _GMA_MAX]
-                keys = [pk for pk, _ in chunk]
-                wire = _Wire("getMultipleAccounts", [keys, config] if config else [keys], keys)
-                wire.waiters = [(c, i, k) for i, (_, waiters) in enumerate(chunk) for c, k in waiters]
-                merged += len(wire.waiters)
-                wires.append(wire)
-        return wires, merged
-
-
-def _merge_target(call: _Call) -> tuple[str, dict[str, Any], str] | None:
-    """(group key, getMultipleAccounts config, pubkey) when ``call`` can be merged."""
-    if call.method not in ("getAccountInfo", "getBalance"):
-        return None
-    p = call.params
-    if not isinstance(p, list) or not 1 <= len(p) <= 2 or not isinstance(p[0], str):
-        return None
-    config = p[1] if len(p) == 2 else {}
-    if not isinstance(config, dict) or not set(config) <= _MERGE_CONFIG_KEYS:
-        return None
-    try:
-        Pubkey.from_string(p[0])
-    except ValueError:
-        return None  # sent alone, so its -32602 fails only this caller
-    if call.method == "getBalance":
-        if set(config) - {"commitment", "minContextSlot"}:
-            return None
-        config = {**config, **_BALANCE_SLICE}  # lamports only: no account data travels
-    return json.dumps(config, sort_keys=True), config, p[0]
-
-
 class _Batch:
     __slots__ = ("wires", "priority")
 
-    def __init__(self, wires: list[_Wire], priority: Priority) -> None:
+    def __init__(self, wires: list[Wire], priority: Priority) -> None:
         self.wires, self.priority = wires, priority
 
 
@@ -298,7 +149,7 @@ class Pool:
         self._limiter = limiter
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        self._queues = {p: trio.open_memory_channel[_Call](cfg.max_queue) for p in Priority}
+        self._queues = {p: trio.open_memory_channel[Call](cfg.max_queue) for p in Priority}
         self._ready: dict[Priority, collections.deque[_Batch]] = {p: collections.deque() for p in Priority}
         self._work_lot = trio.lowlevel.ParkingLot()  # idle workers
         self._room_lot = trio.lowlevel.ParkingLot()  # batchers waiting for a free slot
@@ -308,7 +159,7 @@ class Pool:
         self._attempt_timeout = cfg.request_timeout / 2 if len(self._endpoints) > 1 else cfg.request_timeout
         self._next_id = 0
         self._active = 0
-        self._pending: set[_Call] = set()  # every caller still waiting, to fail them on shutdown
+        self._pending: set[Call] = set()  # every caller still waiting, to fail them on shutdown
         self._latency: collections.deque[float] = collections.deque(maxlen=1000)
         self._by_method: collections.Counter[str] = collections.Counter()
         self._n = collections.Counter[str]()
@@ -324,7 +175,7 @@ class Pool:
             RpcError: the provider answered this call with a JSON-RPC error object.
             UpstreamError: bad status, malformed reply, or retries exhausted.
         """
-        call = _Call(method, params, priority, trio.current_time() + self._cfg.request_timeout)
+        call = Call(method, params, priority, trio.current_time() + self._cfg.request_timeout)
         send = self._queues[priority][0]
         try:
             send.send_nowait(call)
@@ -381,16 +232,16 @@ class Pool:
         for call in list(self._pending):
             call.resolve(error=UpstreamUnavailable(f"{call.method}: upstream pool stopped"))
 
-    async def _batcher(self, priority: Priority, rx: trio.MemoryReceiveChannel[_Call]) -> None:
+    async def _batcher(self, priority: Priority, rx: trio.MemoryReceiveChannel[Call]) -> None:
         # One batcher per priority: state refreshes never queue behind user lookups.
-        max_calls = self._cfg.max_batch_size * _GMA_MAX
+        max_calls = self._cfg.max_batch_size * GMA_MAX
         # With max_batch_size 1 the window stays open so reads can still merge.
         close_at = self._cfg.max_batch_size if self._cfg.max_batch_size > 1 else math.inf
         size = self._cfg.max_batch_size
         async for first in rx:
             if not first.waiting:
                 continue
-            window = _Window()
+            window = Window()
             window.add(first)
             with trio.move_on_at(trio.current_time() + self._window_s):
                 while window.wires < close_at and window.calls < max_calls:
@@ -416,7 +267,7 @@ class Pool:
         self._n["batched_items"] += len(batch.wires)
         self._work_lot.unpark()
 
-    async def _pay(self, wires: list[_Wire], priority: Priority) -> bool:
+    async def _pay(self, wires: list[Wire], priority: Priority) -> bool:
         """Take limiter credits for the live ``wires``; False when nobody waits any more."""
         wires[:] = [w for w in wires if w.alive()]
         if not wires:
@@ -463,7 +314,7 @@ class Pool:
 
     async def _process(self, batch: _Batch) -> None:
         pending, floor, exclude = batch.wires, 0.0, None
-        error: _ErrSpec = (UpstreamError, "no attempt made")
+        error: ErrSpec = (UpstreamError, "no attempt made")
         for attempt in range(self._cfg.max_retries + 1):
             if attempt:
                 delay = max(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)), floor)
@@ -487,10 +338,10 @@ class Pool:
         for wire in pending:
             wire.fail(error)
 
-    async def _attempt(self, ep: _Endpoint, wires: list[_Wire]) -> tuple[list[_Wire], _ErrSpec, float, bool]:
+    async def _attempt(self, ep: _Endpoint, wires: list[Wire]) -> tuple[list[Wire], ErrSpec, float, bool]:
         """POST once. Returns (wires to retry, their error, minimum wait, endpoint failed)."""
         assert self._client is not None
-        ids: dict[int, _Wire] = {}
+        ids: dict[int, Wire] = {}
         items = []
         for wire in wires:
             self._next_id += 1
@@ -566,7 +417,7 @@ class Pool:
             self._limiter.penalize(None)
         return retry, (UpstreamError, f"rate limited by {ep.label} (item error 429)"), 0.0, False
 
-    def _fail_all(self, wires: list[_Wire], message: str) -> tuple[list[_Wire], _ErrSpec, float, bool]:
+    def _fail_all(self, wires: list[Wire], message: str) -> tuple[list[Wire], ErrSpec, float, bool]:
         log.warning("%s", message)
         for wire in wires:
             wire.fail((UpstreamError, f"{wire.method}: {message}"))
