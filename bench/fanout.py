@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable
 
 from .common import AddressPool, Procs, cpu_s, http, log, machine, rss_kb, save_result
-from .stack import KeepAlive, LoadClients, Stack
+from .stack import KeepAlive, LoadClients, Stack, nchan_publisher
 
 BASE_LAMPORTS = 7_000_000_000
 
@@ -177,15 +177,7 @@ def run(ns: list[int], updates: int = 20, rate: float = 4000.0, skip_nchan: bool
         else:
             stack = Stack(procs)
             stack.start_nginx(nchan=True)
-            ng = KeepAlive("127.0.0.1", stack.ng_port)
-            template = dict(state)
-
-            def publish_ng(lamports: int) -> float:
-                template["jackpot"] = lamports / 1e9
-                body = json.dumps({"type": "stateUpdate", "state": template}, separators=(",", ":")).encode()
-                t = time.time()
-                ng.post("/pub", body)
-                return t
+            publish_ng = nchan_publisher(stack.ng_port, state)
 
             def subs_ng() -> Any:
                 _, info = http("GET", stack.ng + "/pub")  # nchan channel info
@@ -194,7 +186,7 @@ def run(ns: list[int], updates: int = 20, rate: float = 4000.0, skip_nchan: bool
                 return info.get("subscribers")
 
             publish_ng(BASE_LAMPORTS)
-            result["message_bytes"] = len(json.dumps({"type": "stateUpdate", "state": template}, separators=(",", ":")))
+            result["message_bytes"] = len(json.dumps({"type": "stateUpdate", "state": {**state, "jackpot": BASE_LAMPORTS / 1e9}}, separators=(",", ":")))
             log(f"fan-out: nginx+nchan (worker pid {stack.ng_worker}), message {result['message_bytes']} bytes")
             result["rows"] += _sweep("nchan", ns, updates, procs, pool, f"ws://127.0.0.1:{stack.ng_port}/sub",
                                      stack.ng_worker, publish_ng, subs_ng, None, rate)

@@ -99,7 +99,7 @@ def run(duration: int = 10, with_nginx: bool = True) -> dict[str, Any]:
                                        duration, bare.pid))
         procs.stop(bare)
         result["rows"].append(_measure(stack, "edgestate GET /api/state", es + "/api/state", duration, stack.es_pid))
-        result["rows"].append(_measure(stack, f"edgestate GET /api/price/<mint>", f"{es}/api/price/{TOKEN_MINT}",
+        result["rows"].append(_measure(stack, "edgestate GET /api/price/<mint>", f"{es}/api/price/{TOKEN_MINT}",
                                        duration, stack.es_pid))
         if not with_nginx:
             log("http: nginx unavailable: static-file and proxy_cache rows skipped")

@@ -34,7 +34,7 @@ from .common import (
     wait_http,
 )
 from .fanout import _analyse
-from .stack import KeepAlive, LoadClients, Stack
+from .stack import KeepAlive, LoadClients, Stack, nchan_publisher
 
 BASE_LAMPORTS = 11_000_000_000
 
@@ -160,16 +160,8 @@ def run_workers(ns: list[int], workers: int, updates: int = 10, rate: float = 40
         procs.stop(sup)
 
         stack.start_nginx(nchan=True, workers=workers)
-        ng = KeepAlive("127.0.0.1", stack.ng_port)
         nginx_master = next(p for name, p in procs.items if name.startswith("nginx-")).pid
-        template = dict(state)
-
-        def publish_ng(lamports: int) -> float:
-            template["jackpot"] = lamports / 1e9
-            body = json.dumps({"type": "stateUpdate", "state": template}, separators=(",", ":")).encode()
-            t = time.time()
-            ng.post("/pub", body)
-            return t
+        publish_ng = nchan_publisher(stack.ng_port, state)
 
         publish_ng(BASE_LAMPORTS)
         rows += _sweep("nchan", ns, f"ws://127.0.0.1:{stack.ng_port}/sub", lambda: _group_pids(nginx_master),

@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .common import (
@@ -48,6 +49,21 @@ class KeepAlive:
                 if attempt:
                     raise
         return 0
+
+
+def nchan_publisher(port: int, state: dict[str, Any]) -> Callable[[int], float]:
+    """publish(lamports) -> wall time: POSTs edgestate's stateUpdate JSON with that jackpot to nchan."""
+    ng = KeepAlive("127.0.0.1", port)
+    template = dict(state)
+
+    def publish(lamports: int) -> float:
+        template["jackpot"] = lamports / 1e9
+        body = json.dumps({"type": "stateUpdate", "state": template}, separators=(",", ":")).encode()
+        t = time.time()
+        ng.post("/pub", body)
+        return t
+
+    return publish
 
 
 @dataclass

@@ -227,7 +227,8 @@ class SharedState:
     async def updates(self, *, since: int = -1) -> AsyncIterator[Snapshot]:
         """Yield the newest snapshot whenever its version passes ``since``.
 
-        A slow consumer skips intermediate versions (latest-value semantics).
+        A slow consumer skips intermediate versions (latest-value semantics). Leaving the
+        loop early: wrap it in ``contextlib.aclosing(state.updates())``.
         """
         seen = since
         while True:
