@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
-import socket
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,9 +47,9 @@ def peer_of(stream: trio.SocketStream) -> tuple[str, int]:
 
 
 def _refuse_now(stream: trio.SocketStream, response: bytes) -> None:
-    """Best-effort answer without waiting: a refused peer gets no task time."""
+    """Best-effort answer without waiting (the socket is non-blocking): a refused peer gets no task time."""
     try:
-        stream.socket.send(response, socket.MSG_DONTWAIT)
+        os.write(stream.socket.fileno(), response)
     except OSError:
         pass
 
