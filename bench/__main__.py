@@ -7,10 +7,11 @@ from bench/results/*.json (each scenario run replaces its own results file).
 
   --quick   (default) under 3 minutes: fan-out 1k/5k, HTTP 5 s runs, amplification 1k/10k,
             balances 10/100/1000, pool overhead 2,000 calls + 5 s coalescing mix
-  attack    a client's GET latency alone and while 3,000 connections hold half-done requests
-  --baseline PATH   run each scenario against today's code (a checkout) first, in the same run
   --full    fan-out 1k/5k/10k/19k (20 updates each), HTTP 10 s, amplification 1k/10k/19k
             with 30 s windows, balances, soak 10k clients × 10 min
+  attack    a client's GET latency alone and while 3,000 connections hold half-done requests
+  parse     CPU per request head: llhttp (heads.py) vs h11
+  --baseline PATH   run each scenario against a checkout of the previous code first, in the same run
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from . import common
 from .common import log
 
-SCENARIOS = ("fanout", "http", "attack", "amplification", "balances", "pool", "soak", "scaleout")
+SCENARIOS = ("fanout", "http", "attack", "parse", "amplification", "balances", "pool", "soak", "scaleout")
 
 
 def _deps(need_nginx: bool, need_wrk: bool, need_node: bool) -> dict[str, bool]:
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 from . import httpbench
                 httpbench.run(duration=10 if full else 5, with_nginx=deps["nginx"])
+            elif name == "parse":
+                from . import parse
+                parse.run()
             elif name == "attack":
                 from . import attack
                 attack.run()

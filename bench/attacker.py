@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -25,23 +26,45 @@ BODY = (b"POST /api/tokens/balances HTTP/1.1\r\nHost: x\r\nContent-Type: applica
         b"Content-Length: 60000\r\n\r\n{\"wallets\": [")
 
 
-async def _hold(port: int, source: str, payload: bytes, opened: list[float], closed: list[float],
-                failed: list[str], limiter: trio.CapacityLimiter, all_open: trio.Event) -> None:
+class Tally:
+    """What the connections did so far; ``changed`` fires on every update."""
+
+    def __init__(self) -> None:
+        self.opened: list[float] = []
+        self.closed: list[float] = []
+        self.failed: list[str] = []
+        self.changed = trio.Event()
+
+    def note(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            await self.changed.wait()
+
+
+async def _hold(port: int, source: str, payload: bytes, tally: Tally, limiter: trio.CapacityLimiter) -> None:
     async with limiter:
         try:
             stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
             await stream.send_all(payload)
         except OSError as exc:
-            failed.append(type(exc).__name__)
+            tally.failed.append(type(exc).__name__)
+            tally.note()
             return
     start = time.monotonic()
-    opened.append(start)
+    tally.opened.append(start)
+    tally.note()
     try:
-        while await stream.receive_some(65536):
-            pass  # a 408/503 answer, then the close
-        closed.append(time.monotonic() - start)
-    except (trio.BrokenResourceError, OSError):
-        closed.append(time.monotonic() - start)
+        try:
+            while await stream.receive_some(65536):
+                pass  # a 408/503 answer, then the close
+        except (trio.BrokenResourceError, OSError):
+            pass
+        # Reached only when the server ended it (EOF or reset), not at our hold limit.
+        tally.closed.append(time.monotonic() - start)
+        tally.note()
     finally:
         await stream.aclose()
 
@@ -49,24 +72,19 @@ async def _hold(port: int, source: str, payload: bytes, opened: list[float], clo
 async def main(args: argparse.Namespace) -> None:
     addrs = args.addrs.split(",")
     kinds = [HEAD] * args.heads + [WS] * args.ws + [BODY] * args.bodies
-    opened: list[float] = []
-    closed: list[float] = []
-    failed: list[str] = []
+    tally = Tally()
     limiter = trio.CapacityLimiter(200)
-    all_open = trio.Event()
     with trio.move_on_after(args.hold):
         async with trio.open_nursery() as nursery:
             for i, payload in enumerate(kinds):
-                nursery.start_soon(_hold, args.port, addrs[i % len(addrs)], payload, opened, closed, failed,
-                                   limiter, all_open)
-            while len(opened) + len(failed) < len(kinds):
-                await trio.sleep(0.05)
-            print(json.dumps({"event": "open", "opened": len(opened), "failed": len(failed),
+                nursery.start_soon(_hold, args.port, addrs[i % len(addrs)], payload, tally, limiter)
+            await tally.wait_until(lambda: len(tally.opened) + len(tally.failed) >= len(kinds))
+            opened = tally.opened
+            print(json.dumps({"event": "open", "opened": len(opened), "failed": len(tally.failed),
                               "open_s": round(max(opened) - min(opened), 3) if opened else 0}), flush=True)
-            while len(closed) < len(opened):
-                await trio.sleep(0.1)
-    print(json.dumps({"event": "done", "opened": len(opened), "closed": len(closed),
-                      "close_s": sorted(round(c, 2) for c in closed)}), flush=True)
+            await tally.wait_until(lambda: len(tally.closed) >= len(tally.opened))
+    print(json.dumps({"event": "done", "opened": len(tally.opened), "closed": len(tally.closed),
+                      "close_s": sorted(round(c, 2) for c in tally.closed)}), flush=True)
 
 
 if __name__ == "__main__":

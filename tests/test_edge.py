@@ -23,7 +23,6 @@ from edgestate.views import Views
 from tests.conftest import make_config
 from tests.wsclient import WsClient
 
-
 _opened: list[trio.SocketStream] = []
 
 

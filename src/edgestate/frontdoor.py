@@ -26,6 +26,7 @@ from .config import Config
 from .errors import BadRequest
 from .heads import HeadReader, Request
 from .hypercorn_glue import HypercornBridge
+from .listen import peer_of
 from .services import Services
 from .views import HttpDate, Views, error_response, raw_response
 
@@ -33,17 +34,10 @@ log = logging.getLogger("edgestate.frontdoor")
 
 _REFUSAL_LOG_EVERY = 60.0  # seconds between two log lines about refused connections
 
-# An upgrade the front door owns: path -> handler(stream, request, rest bytes).
-UpgradeHandler = Callable[[trio.SocketStream, Request, bytes], Awaitable[None]]
-
-
-def peer_of(stream: trio.SocketStream) -> tuple[str, int]:
-    """The peer's (host, port); ("?", 0) once the socket is gone."""
-    try:
-        host, port = stream.socket.getpeername()[:2]
-        return str(host), int(port)
-    except (OSError, ValueError):
-        return "?", 0
+# An upgrade the front door owns: path -> accept(stream, request, rest bytes), which answers
+# the handshake and returns the session to run (None: refused).
+Session = Callable[[], Awaitable[None]]
+UpgradeHandler = Callable[[trio.SocketStream, Request, bytes], Awaitable[Session | None]]
 
 
 def _refuse_now(stream: trio.SocketStream, response: bytes) -> None:
@@ -76,7 +70,7 @@ class FrontDoor:
         self._idle: set[trio.CancelScope] = set()
         self._stopping = False
         self._next_refusal_log = 0.0
-        self.upgrades: dict[str, UpgradeHandler] = {"/ws": self._serve_ws}
+        self.upgrades: dict[str, UpgradeHandler] = {"/ws": self._accept_ws}
         self.open = 0
         self.accepted = 0
         self.refused_full = 0
@@ -113,7 +107,9 @@ class FrontDoor:
         if not self._admit(stream, host):
             return
         try:
-            await self._serve(stream, host, port)
+            session = await self._serve(stream, host, port)
+            if session is not None:  # an upgraded connection; the HTTP side's state is gone
+                await session()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer left
         except Exception:  # one peer's problem, never the server's
@@ -155,7 +151,8 @@ class FrontDoor:
         self._per_client[host] += 1
         return True
 
-    async def _serve(self, stream: trio.SocketStream, host: str, port: int) -> None:
+    async def _serve(self, stream: trio.SocketStream, host: str, port: int) -> Session | None:
+        """Serve HTTP requests; the session to run when the connection was upgraded."""
         server = self._server
         reader = HeadReader(stream, server.max_header_bytes)
         idle_timeout = server.header_timeout  # a new connection gets the head timeout to start
@@ -165,27 +162,26 @@ class FrontDoor:
                 self._idle.add(idle)
                 try:
                     if self._stopping:
-                        return
+                        return None
                     request = await reader.next_request(idle_timeout=idle_timeout, head_timeout=server.header_timeout)
                 except BadRequest as exc:
                     await self._refuse(stream, exc, host)
-                    return
+                    return None
                 finally:
                     self._idle.discard(idle)
             if request is None:
-                return
+                return None
             upgrade = self.upgrades.get(request.path)
             if upgrade is not None and request.method == "GET":
-                await upgrade(stream, request, bytes(reader.buffer[request.head_size:]))
-                return
+                return await upgrade(stream, request, bytes(reader.buffer[request.head_size:]))
             if request.upgrade and request.headers.get("upgrade", "").lower() == "websocket":
                 await self._refuse(stream, BadRequest(404, "not_found", f"no WebSocket endpoint at {request.path}"),
                                    host)
-                return
+                return None
             if self._in_memory(request):
                 reader.consume(request.head_size)
                 if not await self._answer(stream, request, host):
-                    return
+                    return None
                 idle_timeout = server.keepalive_timeout
                 continue
             # Hypercorn from here on, with the bytes as they came (a request answered with
@@ -194,7 +190,7 @@ class FrontDoor:
             close_after = not request.keep_alive and not request.has_body
             already_read = bytes(reader.buffer[: request.head_size] if close_after else reader.buffer)
             await self._bridge.serve(stream, already_read)
-            return
+            return None
 
     def _in_memory(self, request: Request) -> bool:
         return (
@@ -228,5 +224,5 @@ class FrontDoor:
         log.debug("refused a request from %s: %d %s", host, exc.status, exc.message)
         await self._send(stream, error_response(exc.status, exc.code, exc.message, date=self._date.get()))
 
-    async def _serve_ws(self, stream: trio.SocketStream, request: Request, rest: bytes) -> None:
-        await ws.serve_ws(stream, request, rest, self._services.hub, self._cfg)
+    async def _accept_ws(self, stream: trio.SocketStream, request: Request, rest: bytes) -> Session | None:
+        return await ws.accept_ws(stream, request, rest, self._services.hub, self._cfg)

@@ -6,7 +6,7 @@ answers, the WebSocket handshakes and the hand-off to Hypercorn all take the
 Node.js; in its strict mode it rejects what RFC 9112 says a server must reject (both
 Content-Length and Transfer-Encoding, obs-fold, whitespace before a colon, bare CR or LF,
 control characters), and it costs ~2 µs a head where h11 costs ~60 µs (measured in
-docs/benchmarks.md, "Head parsing"), which matters on the route every browser polls.
+docs/benchmarks.md, "Head parsing: llhttp vs h11"), which matters on the route every browser polls.
 
 Reading waits on the socket (no polling): a half-open head costs its buffer and a
 sleeping task until its deadline passes.
@@ -52,9 +52,10 @@ class Request:
 class _Collector:
     """httptools callbacks: the pieces of one head."""
 
-    __slots__ = ("url", "headers", "complete", "message_complete")
+    __slots__ = ("url", "headers", "hosts", "complete", "message_complete")
 
     def __init__(self) -> None:
+        self.hosts = 0
         self.url = b""
         self.headers: dict[str, str] = {}
         self.complete = False
@@ -65,7 +66,8 @@ class _Collector:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
+        self.hosts += key == "host"
+        text = value.strip(b" \t").decode("latin-1")  # optional whitespace is not part of the value
         old = self.headers.get(key)
         self.headers[key] = text if old is None else f"{old}, {text}"
 
@@ -145,8 +147,13 @@ class HeadReader:
         return at + 4
 
     def _parse(self, end: int) -> Request:
+        # llhttp skips stray line breaks before a request line, h11 does not: whatever
+        # starts with anything but a method is refused, so both read a request alike.
+        if not self.buffer[:1].isalpha():
+            raise BadRequest(400, "bad_request", "malformed request: the request line must start the request")
         collector = self._collector
         collector.url, collector.headers, collector.complete, collector.message_complete = b"", {}, False, False
+        collector.hosts = 0
         upgrade = False
         try:
             self._parser.feed_data(bytes(self.buffer[:end]))
@@ -160,11 +167,15 @@ class HeadReader:
         if version not in _VERSIONS:
             raise BadRequest(505, "http_version_not_supported", f"HTTP/{version} is not supported: use HTTP/1.1")
         headers = collector.headers
-        if version == "1.1" and ("host" not in headers or "," in headers["host"]):
-            raise BadRequest(400, "bad_request", "HTTP/1.1 requests need exactly one Host header")
+        if collector.hosts > 1 or (version == "1.1" and not collector.hosts):
+            raise BadRequest(400, "bad_request", "a request needs exactly one Host header (HTTP/1.0: at most one)")
         target = collector.url.decode("latin-1")
         path, _, query = target.partition("?")
         method = self._parser.get_method().decode("latin-1")
+        # One space between the three parts exactly (RFC 9112 3): llhttp would take more.
+        line = self.buffer[: self.buffer.find(b"\r\n")]
+        if line != f"{method} {target} HTTP/{version}".encode("latin-1"):
+            raise BadRequest(400, "bad_request", "malformed request line")
         has_body = not collector.message_complete and not upgrade
         if upgrade or has_body or not self._parser.should_keep_alive():
             # The parser is mid-message or done with this connection: the next request

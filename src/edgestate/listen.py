@@ -104,3 +104,12 @@ def connection_capacity(max_connections: int, max_clients: int) -> int:
             " and ".join(f"{k} = {v}" for k, v in asked.items()), limit, usable,
         )
     return min(max_connections, usable)
+
+
+def peer_of(stream: trio.SocketStream) -> tuple[str, int]:
+    """The peer's (host, port) of a connection; ("?", 0) once the socket is gone."""
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return str(host), int(port)
+    except (OSError, ValueError):
+        return "?", 0

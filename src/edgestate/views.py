@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import email.utils
-import hashlib
 import ipaddress
 import json
 import logging
@@ -24,7 +23,7 @@ from solders.pubkey import Pubkey
 
 from .cache import Cached
 from .errors import EdgeStateError, Overloaded, RateLimited, UpstreamTimeout
-from .state import Snapshot
+from .state import Snapshot, etag_of
 
 if TYPE_CHECKING:
     from .services import Services
@@ -49,11 +48,6 @@ REASONS = {200: b"OK", 204: b"No Content", 304: b"Not Modified", 400: b"Bad Requ
 def error_body(code: str, message: str) -> bytes:
     """The contract's error body: ``{"error": {"code", "message"}}``."""
     return json.dumps({"error": {"code": code, "message": message}}).encode()
-
-
-def etag_of(body: bytes) -> str:
-    """The strong ETag of a response body."""
-    return '"' + hashlib.blake2b(body, digest_size=10).hexdigest() + '"'
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:

@@ -9,8 +9,10 @@ peer leaves or the hub closes it.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -20,6 +22,7 @@ from .broadcast import Client, Hub
 from .config import Config
 from .errors import BadRequest
 from .heads import Request
+from .listen import peer_of
 from .views import HttpDate, error_response
 
 log = logging.getLogger("edgestate.ws")
@@ -150,19 +153,37 @@ async def serve_ws(stream: trio.SocketStream, request: Request, rest: bytes, hub
         request: the upgrade request, parsed by the front door.
         rest: bytes that arrived after the request head (the client's first frames).
     """
-    peer = _peer(stream)
-    started = trio.current_time()
+    session = await accept_ws(stream, request, rest, hub, cfg)
+    del request, rest  # nothing of the HTTP side stays for the connection's lifetime
+    if session is not None:
+        await session()
+
+
+async def accept_ws(stream: trio.SocketStream, request: Request, rest: bytes, hub: Hub, cfg: Config
+                    ) -> Callable[[], Awaitable[None]] | None:
+    """The handshake; then the session to run, or None when it was refused (and answered).
+
+    Two steps, so that the caller's frames holding the parsed request are gone while the
+    session lives: per-connection memory is what 100k clients multiply.
+    """
+    host, port = peer_of(stream)
+    peer = f"{host}:{port}"
     client = await _handshake(stream, request, rest, hub, cfg, peer)
     if client is None:
         await stream.aclose()
-        return
+        return None
+    return functools.partial(run_ws, stream, client, hub, cfg, trio.current_time())
+
+
+async def run_ws(stream: trio.SocketStream, client: Client, hub: Hub, cfg: Config, started: float) -> None:
+    """A registered client's session: its messages until it leaves or is closed."""
     try:
         await _receive_loop(stream, client, hub, cfg)
     finally:
         client.close(None)  # no-op when already closing; stops every further write
         with trio.CancelScope(shield=True):
             await _linger(stream)
-        access_log.info("ws %s closed after %.1fs", peer, trio.current_time() - started)
+        access_log.info("ws %s closed after %.1fs", client.peer, trio.current_time() - started)
 
 
 async def _handshake(stream: trio.SocketStream, request: Request, rest: bytes, hub: Hub, cfg: Config,
@@ -230,11 +251,3 @@ async def _linger(stream: trio.SocketStream) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
     await stream.aclose()
-
-
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-        return f"{host}:{port}"
-    except OSError:
-        return "?"
