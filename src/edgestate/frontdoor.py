@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import trio
@@ -35,8 +35,8 @@ log = logging.getLogger("edgestate.frontdoor")
 _REFUSAL_LOG_EVERY = 60.0  # seconds between two log lines about refused connections
 
 # An upgrade the front door owns: path -> accept(stream, request, rest bytes), which answers
-# the handshake and returns the session to run (None: refused).
-Session = Callable[[], Awaitable[None]]
+# the handshake and returns the session to await (None: refused).
+Session = Coroutine[Any, Any, None]
 UpgradeHandler = Callable[[trio.SocketStream, Request, bytes], Awaitable[Session | None]]
 
 
@@ -109,7 +109,7 @@ class FrontDoor:
         try:
             session = await self._serve(stream, host, port)
             if session is not None:  # an upgraded connection; the HTTP side's state is gone
-                await session()
+                await session
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer left
         except Exception:  # one peer's problem, never the server's

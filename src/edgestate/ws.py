@@ -9,10 +9,9 @@ peer leaves or the hub closes it.
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Coroutine
 from typing import Any
 
 import trio
@@ -156,15 +155,16 @@ async def serve_ws(stream: trio.SocketStream, request: Request, rest: bytes, hub
     session = await accept_ws(stream, request, rest, hub, cfg)
     del request, rest  # nothing of the HTTP side stays for the connection's lifetime
     if session is not None:
-        await session()
+        await session
 
 
 async def accept_ws(stream: trio.SocketStream, request: Request, rest: bytes, hub: Hub, cfg: Config
-                    ) -> Callable[[], Awaitable[None]] | None:
-    """The handshake; then the session to run, or None when it was refused (and answered).
+                    ) -> Coroutine[Any, Any, None] | None:
+    """The handshake; then the session to await, or None when it was refused (and answered).
 
     Two steps, so that the caller's frames holding the parsed request are gone while the
-    session lives: per-connection memory is what 100k clients multiply.
+    session lives: per-connection memory is what 100k clients multiply. The session is
+    the coroutine itself (its frame is the only per-connection object it adds).
     """
     host, port = peer_of(stream)
     peer = f"{host}:{port}"
@@ -172,7 +172,7 @@ async def accept_ws(stream: trio.SocketStream, request: Request, rest: bytes, hu
     if client is None:
         await stream.aclose()
         return None
-    return functools.partial(run_ws, stream, client, hub, cfg, trio.current_time())
+    return run_ws(stream, client, hub, cfg, trio.current_time())
 
 
 async def run_ws(stream: trio.SocketStream, client: Client, hub: Hub, cfg: Config, started: float) -> None:
