@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import ipaddress
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from werkzeug.exceptions import HTTPException
 from . import __version__, metrics
 from .cache import Cached
 from .errors import EdgeStateError, Overloaded, RateLimited, UpstreamTimeout
+from .limits import PRICE_COST, ClientLimiter, LookupLimiter, balances_cost
 from .state import Snapshot
 from .upstream.rpc import InvalidMint
 
@@ -104,42 +104,6 @@ class ApiStats:
             "rate_limited": self.rate_limited,
             "latency_ms": {"p50": pct(0.5), "p99": pct(0.99)},
         }
-
-
-class ClientLimiter:
-    """Per-client-address token buckets (``api.per_client_rps``; 0 = off)."""
-
-    def __init__(self, rps: float, trusted_proxies: tuple[str, ...]) -> None:
-        self.rps = rps
-        self._burst = max(1.0, 2 * rps)
-        self._buckets: cachetools.LRUCache[str, list[float]] = cachetools.LRUCache(maxsize=100_000)
-        self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
-
-    def client_address(self, peer: str | None, forwarded_for: str | None) -> str:
-        """The client's address; X-Forwarded-For only when the peer is a trusted proxy."""
-        peer = peer or "?"
-        if forwarded_for and self._trusted:
-            try:
-                if any(ipaddress.ip_address(peer) in net for net in self._trusted):
-                    return forwarded_for.split(",")[0].strip() or peer
-            except ValueError:
-                pass
-        return peer
-
-    def allow(self, address: str) -> bool:
-        if self.rps <= 0:
-            return True
-        now = trio.current_time()
-        bucket = self._buckets.get(address)
-        if bucket is None:
-            bucket = self._buckets[address] = [self._burst, now]
-        tokens = min(self._burst, bucket[0] + (now - bucket[1]) * self.rps)
-        bucket[1] = now
-        if tokens < 1:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1
-        return True
 
 
 _IN_MEMORY_ROUTES = frozenset({"/api/state", "/api/lottery/state", "/api/lottery/participants/count"})
@@ -318,6 +282,7 @@ class _Helpers:
         self.services = services
         self.stats = ApiStats()
         self.limiter = ClientLimiter(cfg.api.per_client_rps, cfg.api.trusted_proxies)
+        self.lookups = LookupLimiter(cfg.api.lookup_per_client_rps, max_cost=balances_cost(cfg.api.max_wallets))
         self.allowed = set(cfg.server.allowed_origins)
         # The state changes every few seconds: browsers and CDNs may reuse it for 1 s and
         # serve it stale while revalidating for a few more.
@@ -367,6 +332,14 @@ class _Helpers:
             return True
         self.stats.rate_limited += 1
         return False
+
+    def charge_lookup(self, client: str | None, forwarded_for: str | None, cost: float) -> None:
+        """Charge a lookup's upstream cost to its client (RateLimited -> 429 when over)."""
+        try:
+            self.lookups.charge(self.limiter.client_address(client, forwarded_for), cost)
+        except RateLimited:
+            self.stats.rate_limited += 1
+            raise
 
     def record(self, method: str, route: str, client: str | None, status: int, started: float,
                path: str | None = None) -> None:
@@ -521,6 +494,7 @@ def create_app(services: Services) -> FastPath:
     @app.get("/api/price/<mint>")
     async def price(mint: str) -> Response:
         _pubkey(mint, "tokenMint")
+        helpers.charge_lookup(request.remote_addr, request.headers.get("x-forwarded-for"), PRICE_COST)
         cached = await services.prices.get_price(mint)
         if cached.value is None:
             return _error(404, "no_price", f"the price API has no price for {mint}")
@@ -536,6 +510,7 @@ def create_app(services: Services) -> FastPath:
             return _error(413, "body_too_large", f"request body over {cfg.api.max_body_bytes} bytes")
         raw = cast(bytes, await request.get_data(as_text=False))
         wallets, mint = _parse_balances_body(raw, cfg.api.max_wallets)
+        helpers.charge_lookup(request.remote_addr, request.headers.get("x-forwarded-for"), balances_cost(len(wallets)))
         try:
             result = await services.rpc.get_token_balances(wallets, mint)
         except InvalidMint as exc:
