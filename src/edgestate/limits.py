@@ -111,7 +111,7 @@ class LookupLimiter:
 
     def tokens(self, address: str) -> float:
         """What ``address`` may spend right now (``burst`` for an unknown client)."""
-        bucket = self._buckets.peek(address)  # peek: looking is not "seen"
+        bucket = self._buckets.get(address)
         if bucket is None:
             return self.burst
         return min(self.burst, bucket[0] + (trio.current_time() - bucket[1]) * self.rate)
