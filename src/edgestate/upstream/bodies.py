@@ -9,7 +9,11 @@ cap; the time it may take is bounded by the caller's deadline around it.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
+
+_DRAIN_STEPS = 64  # after closing, a transport holds at most a read's worth of buffered chunks
 
 
 async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
@@ -17,17 +21,39 @@ async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
 
     A ``Content-Length`` over the limit is refused before reading anything; otherwise
     reading stops at the first chunk that takes the total over the limit, so at most
-    ``limit`` plus one chunk is ever held. The caller closes the response (the
-    ``client.stream()`` context, or ``aclose()``), which drops the rest of the body.
+    ``limit`` plus one chunk is ever held. Over the limit the response is closed here
+    (which drops the connection); otherwise the caller closes it as usual.
     """
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
+        await response.aclose()
         return None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    body = response.aiter_bytes()
+    async for chunk in body:
         size += len(chunk)
         if size > limit:
+            await _abandon(response, body)
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _abandon(response: httpx.Response, body: AsyncIterator[bytes]) -> None:
+    """Close ``response`` mid-body, then run its iterator to the end.
+
+    httpx and httpcore stream through a chain of async generators; one left suspended
+    is finalized by the garbage collector, and Trio warns about each (encode/httpx
+    #3686). Reading on after the close ends the chain from the inside: the transport
+    yields what it had buffered, then fails (or stops) and every generator finishes.
+    """
+    await response.aclose()
+    try:
+        for _ in range(_DRAIN_STEPS):
+            await body.__anext__()
+    except (StopAsyncIteration, httpx.HTTPError, httpx.StreamError):
+        return
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:  # a transport that ignores close: end what we can
+        await aclose()
