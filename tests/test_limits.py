@@ -12,7 +12,7 @@ from solders.keypair import Keypair
 
 from edgestate.config import ApiConfig
 from edgestate.errors import RateLimited
-from edgestate.limits import PRICE_COST, ClientLimiter, LookupLimiter, balances_cost
+from edgestate.limits import PRICE_COST, LookupLimiter, balances_cost
 from tests.conftest import make_config, start_server, wait_for
 
 FAR = {"polling_interval": 3600.0, "participants_interval": 3600.0, "price_interval": 3600.0}
@@ -95,15 +95,6 @@ def test_admitted_cost_never_exceeds_burst_plus_rate_times_time(steps: list[tupl
             assert admitted <= lim.burst + rate * (trio.current_time() - t0) + 1e-9
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-
-
-async def test_client_limiter_moved_unchanged(autojump_clock: trio.testing.MockClock) -> None:
-    lim = ClientLimiter(2.0, ("10.0.0.0/8",))
-    assert lim.client_address("10.1.2.3", "203.0.113.9, 10.1.2.3") == "203.0.113.9"
-    assert lim.client_address("192.0.2.1", "203.0.113.9") == "192.0.2.1"  # not a trusted proxy
-    assert [lim.allow("x") for _ in range(5)] == [True, True, True, True, False]
-    await trio.sleep(0.5)
-    assert lim.allow("x")
 
 
 def _wallets(n: int) -> list[str]:

@@ -1,22 +1,20 @@
-"""Per-client limits: token buckets keyed by client address.
+"""Each client's share of the upstream budget for the lookup routes.
 
-Two limiters, both synchronous (no I/O, no awaits) and on Trio's clock:
+:class:`LookupLimiter` (``api.lookup_per_client_rps``) counts what a lookup may cost
+upstream: the routes that reach the providers on a miss (``GET /api/price/{mint}``,
+``POST /api/tokens/balances``) charge their cost in upstream calls, so that a few
+clients posting 1,000-wallet lookups cannot take the whole
+``upstream.max_requests_per_second`` budget from everyone else. Synchronous (no I/O,
+no awaits) and on Trio's clock. (The request-count limiter, ``api.per_client_rps``,
+is ``views.ClientLimiter``; it could move here.)
 
-* :class:`ClientLimiter` counts requests (``api.per_client_rps``, off by default).
-* :class:`LookupLimiter` counts what a lookup may cost upstream
-  (``api.lookup_per_client_rps``): the routes that reach the providers on a miss
-  (``GET /api/price/{mint}``, ``POST /api/tokens/balances``) charge their cost in
-  upstream calls, so that a few clients posting 1,000-wallet lookups cannot take the
-  whole ``upstream.max_requests_per_second`` budget from everyone else.
-
-Both keep at most ``max_clients`` buckets (least recently seen dropped first): memory
-is bounded whatever the number of addresses; an address that comes back after being
+At most ``max_clients`` buckets are kept (least recently seen dropped first): memory is
+bounded whatever the number of addresses; an address that comes back after being
 dropped starts with a full bucket.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import math
 
 import cachetools
@@ -39,48 +37,6 @@ def balances_cost(wallets: int) -> float:
     (1.0, 1.0, 10.0)
     """
     return float(max(1, math.ceil(wallets / WALLETS_PER_CALL)))
-
-
-class ClientLimiter:
-    """Per-client-address token buckets (``api.per_client_rps``; 0 = off).
-
-    Args:
-        rps: requests per second per client; ``<= 0`` turns the limiter off.
-        trusted_proxies: addresses or CIDRs whose ``X-Forwarded-For`` is believed.
-    """
-
-    def __init__(self, rps: float, trusted_proxies: tuple[str, ...]) -> None:
-        self.rps = rps
-        self._burst = max(1.0, 2 * rps)
-        self._buckets: cachetools.LRUCache[str, list[float]] = cachetools.LRUCache(maxsize=_MAX_CLIENTS)
-        self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
-
-    def client_address(self, peer: str | None, forwarded_for: str | None) -> str:
-        """The client's address; X-Forwarded-For only when the peer is a trusted proxy."""
-        peer = peer or "?"
-        if forwarded_for and self._trusted:
-            try:
-                if any(ipaddress.ip_address(peer) in net for net in self._trusted):
-                    return forwarded_for.split(",")[0].strip() or peer
-            except ValueError:
-                pass
-        return peer
-
-    def allow(self, address: str) -> bool:
-        """Take one request from ``address``'s bucket; False when it is empty."""
-        if self.rps <= 0:
-            return True
-        now = trio.current_time()
-        bucket = self._buckets.get(address)
-        if bucket is None:
-            bucket = self._buckets[address] = [self._burst, now]
-        tokens = min(self._burst, bucket[0] + (now - bucket[1]) * self.rps)
-        bucket[1] = now
-        if tokens < 1:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1
-        return True
 
 
 class LookupLimiter:
