@@ -308,3 +308,17 @@ async def test_a_key_moves_to_the_state_partition_once_shared(autojump_clock: tr
     assert (parts["user"]["last_good"], parts["state"]["last_good"]) == (0, 1)
     cache.invalidate("k")
     assert cache.peek("k") is None and cache.peek("k", allow_stale=True) == Cached(2, 0.0, True)
+
+
+async def test_would_fetch_tells_what_a_lookup_would_cost(autojump_clock: trio.testing.MockClock) -> None:
+    cache, src = make(ttl=1.0), Source()
+    src.release = trio.Event()
+    assert cache.would_fetch("k")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.get_or_fetch, "k", src)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not cache.would_fetch("k")  # in flight: a lookup now would share it
+        src.release.set()
+    assert not cache.would_fetch("k")  # fresh
+    await trio.sleep(1.0)
+    assert cache.would_fetch("k")  # expired (a last-good value does not count)

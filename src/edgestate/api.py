@@ -20,8 +20,8 @@ from solders.pubkey import Pubkey
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, metrics
-from .errors import EdgeStateError, RateLimited
-from .limits import PRICE_COST, LookupLimiter, balances_cost
+from .errors import EdgeStateError
+from .limits import PRICE_COST, balances_cost
 from .upstream.rpc import InvalidMint
 from .views import MEMORY_ROUTES, Views, error_body, etag_matches, upstream_error_answer
 
@@ -110,17 +110,10 @@ def create_app(services: Services, views: Views | None = None) -> MemoryRoutes:
     app.config["MAX_CONTENT_LENGTH"] = cfg.api.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     services.extra_stats.setdefault("api", helpers.stats.stats)
-    # Each client's share of the upstream budget for the lookup routes (limits.py).
-    lookups = LookupLimiter(cfg.api.lookup_per_client_rps, max_cost=balances_cost(cfg.api.max_wallets))
 
     def charge_lookup(cost: float) -> None:
         """Charge a lookup's upstream cost to its client (RateLimited: 429 + Retry-After)."""
-        address = helpers.limiter.client_address(request.remote_addr, request.headers.get("x-forwarded-for"))
-        try:
-            lookups.charge(address, cost)
-        except RateLimited:
-            helpers.stats.rate_limited += 1
-            raise
+        helpers.charge_lookup(request.remote_addr, request.headers.get("x-forwarded-for"), cost)
 
     @app.before_request
     async def _before() -> Response | None:
@@ -204,7 +197,8 @@ def create_app(services: Services, views: Views | None = None) -> MemoryRoutes:
     @app.get("/api/price/<mint>")
     async def price(mint: str) -> Response:
         _pubkey(mint, "tokenMint")
-        charge_lookup(PRICE_COST)
+        if helpers.price_would_fetch(mint):  # a cached or coalesced lookup costs nothing upstream
+            charge_lookup(PRICE_COST)
         cached = await services.prices.get_price(mint)
         if cached.value is None:
             return _error(404, "no_price", f"the price API has no price for {mint}")

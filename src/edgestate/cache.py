@@ -286,6 +286,10 @@ class Cache:
             cached = self._fallback(key)
         return cached
 
+    def would_fetch(self, key: Hashable) -> bool:
+        """Whether a lookup of ``key`` now would run a fetch (nothing fresh, none in flight)."""
+        return key not in self._flights and self._lookup(key) is None
+
     def get(self, key: Hashable) -> Cached[Any] | None:
         """The fresh value for ``key``, counted as a hit, or None (counted as a miss).
 

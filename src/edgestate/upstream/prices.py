@@ -345,6 +345,14 @@ class PriceClient:
             raise pending.error.with_traceback(None)
         return pending.price
 
+    def would_fetch(self, mint: str) -> bool:
+        """Whether a lookup of ``mint`` now would cost the price API anything.
+
+        False while its price is fresh in the cache or a lookup of it is already
+        under way (a new one would share it): callers charge per-client shares by it.
+        """
+        return self._cache.would_fetch(cache_key("price", mint))
+
     async def get_price(
         self, mint: str, *, priority: Priority = Priority.USER, refresh: bool = False
     ) -> Cached[float | None]:
