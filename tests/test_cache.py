@@ -250,3 +250,75 @@ def test_cache_key_is_canonical() -> None:
     assert " " not in a
     assert cache_key("m", [1], "confirmed") != cache_key("m", [1], "finalized")
     assert cache_key("m", [1]) != cache_key("n", [1])
+
+
+# ---- partitions (issue 10): user lookups have a quota of their own --------------------------
+
+STATE_PRICE = cache_key("price", "TokenMint1111111111111111111111111111111111")
+
+
+async def test_balance_flood_cannot_evict_the_state_last_good(autojump_clock: trio.testing.MockClock) -> None:
+    """The finding: 101 lookups of 1,000 wallets filled the last-good store; the state got 502."""
+    cache = make(maxsize=10_000, ttl=5.0)  # scaled down 10x from the default 100,000
+    assert (await cache.get_or_fetch(STATE_PRICE, Source(0.042), shared=True)).value == 0.042
+    for request in range(11):
+        for wallet in range(1000):
+            cache.put(cache_key("tokenBalance", [f"{request}/{wallet}"]), 1, method="tokenBalance")
+    await trio.sleep(10)  # everything fresh has expired; an outage starts
+    down = Source()
+    down.error = UpstreamError("price API down")
+    got = await cache.get_or_fetch(STATE_PRICE, down, shared=True)
+    assert got.value == 0.042 and got.stale
+    parts = cache.stats()["partitions"]
+    assert parts["user"]["last_good"] == 10_000 and parts["state"]["last_good"] == 1
+
+
+async def test_user_refresh_of_a_state_key_stays_protected(autojump_clock: trio.testing.MockClock) -> None:
+    cache = make(maxsize=10, ttl=1.0)
+    await cache.get_or_fetch(STATE_PRICE, Source("a"), shared=True)
+    await trio.sleep(2)
+    assert (await cache.get_or_fetch(STATE_PRICE, Source("b"))).value == "b"  # a user lookup refreshes it
+    for i in range(100):
+        await cache.get_or_fetch(f"user{i}", Source(i))
+    await trio.sleep(2)
+    down = Source()
+    down.error = UpstreamTimeout("slow")
+    got = await cache.get_or_fetch(STATE_PRICE, down)
+    assert got.value == "b" and got.stale
+    assert cache.peek("user99", allow_stale=True) is not None and cache.peek("user0", allow_stale=True) is None
+
+
+async def test_state_partition_has_its_own_bound(autojump_clock: trio.testing.MockClock) -> None:
+    cache = make(maxsize=10, state_maxsize=3)
+    for i in range(5):
+        cache.put(f"s{i}", i, shared=True)
+    for i in range(5):
+        cache.put(f"u{i}", i)
+    stats = cache.stats()
+    assert stats["partitions"]["state"] == {"size": 3, "maxsize": 3, "last_good": 3, "evictions": 2}
+    assert stats["partitions"]["user"]["size"] == 5 and stats["size"] == 8
+    assert cache.get("s4") is not None and cache.get("s0") is None and cache.get("u0") is not None
+
+
+async def test_a_key_moves_to_the_state_partition_once_shared(autojump_clock: trio.testing.MockClock) -> None:
+    cache = make(maxsize=2)
+    cache.put("k", 1)
+    cache.put("k", 2, shared=True)
+    parts = cache.stats()["partitions"]
+    assert (parts["user"]["last_good"], parts["state"]["last_good"]) == (0, 1)
+    cache.invalidate("k")
+    assert cache.peek("k") is None and cache.peek("k", allow_stale=True) == Cached(2, 0.0, True)
+
+
+async def test_would_fetch_tells_what_a_lookup_would_cost(autojump_clock: trio.testing.MockClock) -> None:
+    cache, src = make(ttl=1.0), Source()
+    src.release = trio.Event()
+    assert cache.would_fetch("k")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.get_or_fetch, "k", src)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not cache.would_fetch("k")  # in flight: a lookup now would share it
+        src.release.set()
+    assert not cache.would_fetch("k")  # fresh
+    await trio.sleep(1.0)
+    assert cache.would_fetch("k")  # expired (a last-good value does not count)

@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,39 @@ def test_secret_in_bad_url_is_redacted(tmp_path):
 )
 def test_redact(url, expected):
     assert config.redact(url) == expected
+
+
+# ---- issue 10: the bounds on lookups --------------------------------------------------------
+
+
+def test_lookup_bound_keys_defaults_and_documentation():
+    cfg = config.load(None, environ={})
+    assert cfg.api.lookup_per_client_rps == 10.0
+    assert cfg.price.max_pending_mints == 500
+    assert cfg.cache.state_maxsize == 1000
+    assert cfg.upstream.max_response_bytes == 64 * 1024 * 1024
+    readme = Path("README.md").read_text(encoding="utf-8")
+    toml = Path("config.toml").read_text(encoding="utf-8")
+    for section, key in [("api", "lookup_per_client_rps"), ("price", "max_pending_mints"),
+                         ("cache", "state_maxsize"), ("upstream", "max_response_bytes")]:
+        assert f"| {section}.{key} |" in readme
+        assert f"\n{key} = " in toml
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "needle"),
+    [
+        ("api", "lookup_per_client_rps", -1, ">= 0"),
+        ("price", "max_pending_mints", 0, "> 0"),
+        ("cache", "state_maxsize", 0, "> 0"),
+        ("upstream", "max_response_bytes", 1000, ">= 65536"),
+        ("upstream", "max_response_bytes", "big", "integer"),
+    ],
+)
+def test_lookup_bound_keys_are_validated(section, key, value, needle):
+    with pytest.raises(ConfigError, match=f"{section}.{key}.*{needle}"):
+        config.from_dict({section: {key: value}}, source="t.toml", environ={})
+
+
+def test_lookup_share_may_be_turned_off():
+    assert config.from_dict({"api": {"lookup_per_client_rps": 0}}, environ={}).api.lookup_per_client_rps == 0

@@ -15,7 +15,7 @@ from solders.pubkey import Pubkey
 
 from edgestate.cache import Cache
 from edgestate.config import CacheConfig, PriceConfig
-from edgestate.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from edgestate.errors import Overloaded, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from edgestate.upstream.prices import PriceClient
 from edgestate.upstream.ratelimit import Priority
 
@@ -171,7 +171,7 @@ async def test_bad_entry_fails_only_its_mint(autojump_clock: trio.testing.MockCl
 async def test_429_retry_after_is_respected(autojump_clock: trio.testing.MockClock) -> None:
     upstream = Jupiter()
     upstream.script = [lambda _: httpx.Response(429, headers={"Retry-After": "7"}, json={"error": "slow down"})]
-    async with running(upstream) as client:
+    async with running(upstream, timeout=30.0) as client:  # the pause and the halved rate fit the deadline
         t0 = trio.current_time()
         assert (await client.get_price(A)).value == 1.0
         stats = client.stats()
@@ -221,16 +221,17 @@ async def test_secrets_never_in_errors(autojump_clock: trio.testing.MockClock) -
     assert str(upstream.requests[0].url).endswith(f"?api-key={SECRET}&ids={A}")
 
 
-async def test_timeout_becomes_upstream_timeout(autojump_clock: trio.testing.MockClock) -> None:
+async def test_timeout_bounds_the_whole_lookup(autojump_clock: trio.testing.MockClock) -> None:
+    """The finding: with the API hanging and a 2 s timeout a price took 10 s x 3 attempts."""
     async def hang(request: httpx.Request) -> httpx.Response:
         await trio.sleep(3600)
         raise AssertionError("unreachable")
 
-    async with running(hang, timeout=2.0, max_retries=1) as client:  # type: ignore[arg-type]
+    async with running(hang, timeout=2.0, max_retries=2) as client:  # type: ignore[arg-type]
         t0 = trio.current_time()
-        with pytest.raises(UpstreamTimeout):
+        with pytest.raises(UpstreamTimeout, match="price API"):
             await client.get_price(A)
-        assert 4.0 <= trio.current_time() - t0 < 10.0
+        assert trio.current_time() - t0 == pytest.approx(2.0)  # queueing + attempts + retries: 2 s in all
 
 
 async def test_stale_price_served_when_api_fails(autojump_clock: trio.testing.MockClock) -> None:
@@ -287,3 +288,165 @@ async def test_not_running_and_stop_fail_callers(autojump_clock: trio.testing.Mo
         await trio.testing.wait_all_tasks_blocked()
         server.cancel()
     assert len(caught) == 1 and "stopped" in str(caught[0])
+
+
+# ---- bounds (issue 10): deadline, queue bound, abandoned lookups, cache quota --------------
+
+
+def any_price(request: httpx.Request) -> httpx.Response:
+    """A price API that prices every mint at 1.0."""
+    return httpx.Response(200, json={m: {"usdPrice": 1.0} for m in request.url.params["ids"].split(",")})
+
+
+class Counting:
+    def __init__(self) -> None:
+        self.ids: list[list[str]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.ids.append(request.url.params["ids"].split(","))
+        return any_price(request)
+
+
+def _client(upstream: Any, *, cache: Cache | None = None, timeout: float = 30.0, **price: Any) -> PriceClient:
+    cfg = PriceConfig(url=URL, **price)
+    return PriceClient(cfg, cache or Cache(CacheConfig()), transport=httpx.MockTransport(upstream), timeout=timeout)
+
+
+async def test_queue_of_distinct_mints_is_bounded(autojump_clock: trio.testing.MockClock) -> None:
+    """The finding: 5,000 abandoned lookups of random mints held up the next user for > 90 s."""
+    client = _client(any_price, max_requests_per_second=0.5)  # drains 25 mints/s; default bound 500
+    overloaded: list[Overloaded] = []
+
+    async def abandoned(mint: str) -> None:
+        try:
+            await client.get_price(mint)
+        except Overloaded as exc:
+            overloaded.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        for _ in range(5000):
+            nursery.start_soon(abandoned, str(Pubkey.new_unique()))
+        await trio.testing.wait_all_tasks_blocked()
+        assert client.stats()["queued"] == 500 and len(overloaded) == 4500
+        # The next user's new mint: an answer at once (503 + Retry-After), not a 200 s wait.
+        t0 = trio.current_time()
+        mint = str(Pubkey.new_unique())
+        with trio.fail_after(31), pytest.raises(Overloaded, match="max_pending_mints") as info:
+            await client.get_price(mint)
+        assert trio.current_time() == t0
+        assert info.value.retry_after == pytest.approx(20.0)  # 500 mints at 50 ids x 0.5 req/s
+        await trio.sleep(info.value.retry_after)
+        with trio.fail_after(31):
+            assert (await client.get_price(mint)).value == 1.0
+        assert trio.current_time() - t0 < 21.0
+        nursery.cancel_scope.cancel()
+
+
+async def test_state_lookup_is_let_in_past_the_bound(autojump_clock: trio.testing.MockClock) -> None:
+    upstream = Counting()
+    client = _client(upstream, max_pending_mints=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        for mint in MINTS[:10]:
+            nursery.start_soon(client.get_price, mint)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(Overloaded):
+            await client.get_price(MINTS[10])
+        got = await client.get_price(MINTS[11], priority=Priority.STATE)
+        assert got.value == 1.0 and upstream.ids[0][0] == MINTS[11]
+        nursery.cancel_scope.cancel()
+
+
+async def test_full_queue_serves_a_last_good_price(autojump_clock: trio.testing.MockClock) -> None:
+    client = _client(any_price, max_pending_mints=5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        await client.get_price(A)
+        await trio.sleep(60)  # expired, still within cache.max_stale
+        for mint in MINTS[10:15]:
+            nursery.start_soon(client.get_price, mint)
+        await trio.testing.wait_all_tasks_blocked()
+        got = await client.get_price(A)
+        assert got.value == 1.0 and got.stale
+        nursery.cancel_scope.cancel()
+
+
+async def test_abandoned_lookups_are_dropped_unfetched(autojump_clock: trio.testing.MockClock) -> None:
+    upstream = Counting()
+    client = _client(upstream, max_pending_mints=10_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        with trio.move_on_after(0.05):  # every caller leaves before the batch window closes
+            async with trio.open_nursery() as callers:
+                for _ in range(5000):
+                    callers.start_soon(client.get_price, str(Pubkey.new_unique()))
+        assert client.stats()["queued"] == 0 and client.stats()["dropped"] == 5000
+        t0 = trio.current_time()
+        assert (await client.get_price(A)).value == 1.0
+        assert trio.current_time() - t0 <= 0.1 + 1e-9  # within one batch window: nothing ahead of it
+        nursery.cancel_scope.cancel()
+    assert upstream.ids == [[A]]
+
+
+async def test_callers_that_gave_up_are_not_fetched(autojump_clock: trio.testing.MockClock) -> None:
+    upstream = Counting()
+    client = _client(upstream, timeout=2.0, max_requests_per_second=0.5)
+    outcomes: list[str] = []
+
+    async def get(mint: str) -> None:
+        try:
+            await client.get_price(mint)
+            outcomes.append("ok")
+        except UpstreamTimeout:
+            outcomes.append("timeout")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        async with trio.open_nursery() as callers:
+            for mint in MINTS[:60]:  # 50 go at t=0.1; the next token comes at t=2.1
+                callers.start_soon(get, mint)
+        assert trio.current_time() == pytest.approx(2.0)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert sorted(outcomes) == ["ok"] * 50 + ["timeout"] * 10
+    assert len(upstream.ids) == 1  # the 10 whose callers gave up were never requested
+    assert client.stats()["dropped"] == 10
+
+
+async def test_hanging_api_serves_the_last_good_price_at_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    hanging = trio.Event()
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        if hanging.is_set():
+            await trio.sleep(3600)
+        return any_price(request)
+
+    client = _client(upstream, timeout=2.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        await client.get_price(A, priority=Priority.STATE)
+        hanging.set()
+        t0 = trio.current_time()
+        got = await client.get_price(A, priority=Priority.STATE, refresh=True)
+        assert got.value == 1.0 and got.stale
+        assert trio.current_time() - t0 == pytest.approx(2.0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_user_lookups_cannot_evict_the_state_price(autojump_clock: trio.testing.MockClock) -> None:
+    """The finding: a flood of user lookups evicted the state's last-good values (502 in an outage)."""
+    failing = trio.Event()
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503) if failing.is_set() else any_price(request)
+
+    client = _client(upstream, cache=Cache(CacheConfig(maxsize=100)), max_requests_per_second=1e6)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        await client.get_price(A, priority=Priority.STATE)  # the state's token price
+        await client.get_prices([str(Pubkey.new_unique()) for _ in range(300)])  # 3x the quota
+        failing.set()
+        got = await client.get_price(A, priority=Priority.STATE, refresh=True)
+        assert got.value == 1.0 and got.stale  # not UpstreamError: the last-good value survived
+        nursery.cancel_scope.cancel()

@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import __version__, metrics
 from .errors import EdgeStateError
+from .limits import PRICE_COST, balances_cost
 from .upstream.rpc import InvalidMint
 from .views import MEMORY_ROUTES, Views, error_body, etag_matches, upstream_error_answer
 
@@ -110,6 +111,10 @@ def create_app(services: Services, views: Views | None = None) -> MemoryRoutes:
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     services.extra_stats.setdefault("api", helpers.stats.stats)
 
+    def charge_lookup(cost: float) -> None:
+        """Charge a lookup's upstream cost to its client (RateLimited: 429 + Retry-After)."""
+        helpers.charge_lookup(request.remote_addr, request.headers.get("x-forwarded-for"), cost)
+
     @app.before_request
     async def _before() -> Response | None:
         g.started = trio.current_time()
@@ -192,6 +197,8 @@ def create_app(services: Services, views: Views | None = None) -> MemoryRoutes:
     @app.get("/api/price/<mint>")
     async def price(mint: str) -> Response:
         _pubkey(mint, "tokenMint")
+        if helpers.price_would_fetch(mint):  # a cached or coalesced lookup costs nothing upstream
+            charge_lookup(PRICE_COST)
         cached = await services.prices.get_price(mint)
         if cached.value is None:
             return _error(404, "no_price", f"the price API has no price for {mint}")
@@ -207,6 +214,7 @@ def create_app(services: Services, views: Views | None = None) -> MemoryRoutes:
             return _error(413, "body_too_large", f"request body over {cfg.api.max_body_bytes} bytes")
         raw = cast(bytes, await request.get_data(as_text=False))
         wallets, mint = _parse_balances_body(raw, cfg.api.max_wallets)
+        charge_lookup(balances_cost(len(wallets)))
         try:
             result = await services.rpc.get_token_balances(wallets, mint)
         except InvalidMint as exc:

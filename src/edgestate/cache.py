@@ -11,6 +11,13 @@ Two bounded stores, both on Trio's clock:
 
 Concurrent misses for one key share one ``fetch()`` (single-flight). If the task that
 runs it is cancelled, one of the waiters runs its own ``fetch()`` instead.
+
+Two partitions, each with both stores (issue 10): the shared state's keys
+(``shared=True``, e.g. the token price the refresher reads; bound
+``cache.state_maxsize``) and user lookups (prices of any mint, balances per wallet;
+bound ``cache.maxsize``). A flood of lookups evicts only other lookups, so the state's
+last-good values are still there to serve during an outage. A key the state has used
+stays in its partition when a user lookup refreshes it.
 """
 
 from __future__ import annotations
@@ -66,6 +73,31 @@ class _CountingTLRU(cachetools.TLRUCache):  # type: ignore[type-arg]
         return item
 
 
+class _Partition:
+    """The fresh and last-good stores of one partition."""
+
+    __slots__ = ("fresh", "last_good")
+
+    def __init__(self, maxsize: int) -> None:
+        self.fresh = _CountingTLRU(maxsize, ttu=_ttu, timer=trio.current_time)
+        self.last_good: cachetools.LRUCache[Hashable, _Entry] = cachetools.LRUCache(maxsize)
+
+    def holds(self, key: Hashable) -> bool:
+        return key in self.last_good or key in self.fresh
+
+    def drop(self, key: Hashable) -> None:
+        self.fresh.pop(key, None)
+        self.last_good.pop(key, None)
+
+    def stats(self, maxsize: int) -> dict[str, int]:
+        return {
+            "size": len(self.fresh),
+            "maxsize": maxsize,
+            "last_good": len(self.last_good),
+            "evictions": self.fresh.evictions,
+        }
+
+
 class _Flight:
     """One running ``fetch()`` that other callers for the same key wait on."""
 
@@ -95,13 +127,15 @@ class Cache:
 
     Args:
         cfg: ``ttl`` (default TTL), ``method_ttls`` (per-method TTLs), ``maxsize``
-            (bound of each store) and ``max_stale`` (oldest value served on error).
+            (bound of each store of the user-lookup partition), ``state_maxsize``
+            (the same for the shared state's partition) and ``max_stale`` (oldest
+            value served on error).
     """
 
     def __init__(self, cfg: CacheConfig) -> None:
         self._cfg = cfg
-        self._fresh = _CountingTLRU(cfg.maxsize, ttu=_ttu, timer=trio.current_time)
-        self._last_good: cachetools.LRUCache[Hashable, _Entry] = cachetools.LRUCache(cfg.maxsize)
+        self._state = _Partition(cfg.state_maxsize)
+        self._user = _Partition(cfg.maxsize)
         self._flights: dict[Hashable, _Flight] = {}
         self._hits = 0
         self._misses = 0
@@ -110,7 +144,10 @@ class Cache:
         self._errors = 0
 
     def __repr__(self) -> str:
-        return f"<Cache size={len(self._fresh)}/{self._cfg.maxsize} inflight={len(self._flights)}>"
+        return (
+            f"<Cache state={len(self._state.fresh)}/{self._cfg.state_maxsize}"
+            f" user={len(self._user.fresh)}/{self._cfg.maxsize} inflight={len(self._flights)}>"
+        )
 
     # -- sync state changes ---------------------------------------------------------
 
@@ -122,21 +159,33 @@ class Cache:
         return self._cfg.ttl
 
     def _lookup(self, key: Hashable) -> Cached[Any] | None:
-        entry: _Entry | None = self._fresh.get(key)
+        entry: _Entry | None = self._state.fresh.get(key)
         if entry is None:
-            return None
+            entry = self._user.fresh.get(key)
+            if entry is None:
+                return None
         return Cached(entry.value, trio.current_time() - entry.fetched_at, False)
 
-    def _store(self, key: Hashable, value: Any, ttl: float) -> Cached[Any]:
+    def _partition(self, key: Hashable, shared: bool) -> _Partition:
+        """Where ``key`` is stored: once the state used a key, it stays in its partition."""
+        if shared:
+            self._user.drop(key)
+            return self._state
+        return self._state if self._state.holds(key) else self._user
+
+    def _store(self, key: Hashable, value: Any, ttl: float, shared: bool) -> Cached[Any]:
+        part = self._partition(key, shared)
         entry = _Entry(value, trio.current_time(), ttl)
         if ttl > 0:
-            self._fresh[key] = entry
-        self._last_good[key] = entry
+            part.fresh[key] = entry
+        part.last_good[key] = entry
         return Cached(value, 0.0, False)
 
     def _fallback(self, key: Hashable) -> Cached[Any] | None:
         """The last good value for ``key`` if it is young enough to stand in."""
-        entry = self._last_good.get(key)
+        entry = self._state.last_good.get(key)
+        if entry is None:
+            entry = self._user.last_good.get(key)
         if entry is None:
             return None
         age = trio.current_time() - entry.fetched_at
@@ -158,6 +207,7 @@ class Cache:
         *,
         ttl: float | None = None,
         method: str | None = None,
+        shared: bool = False,
     ) -> Cached[T]:
         """The cached value for ``key``, calling ``fetch()`` on a miss.
 
@@ -168,6 +218,8 @@ class Cache:
                 ``ttl`` from the config. ``0`` means never served from cache (but still
                 single-flight and kept for stale-if-error).
             method: selects the per-method TTL.
+            shared: the value belongs to the shared state (stored in its own
+                partition, out of reach of user lookups' evictions).
 
         Raises:
             Whatever ``fetch()`` raised, unless it was an UpstreamError/Overloaded
@@ -184,7 +236,7 @@ class Cache:
             flight = self._flights.get(key)
             if flight is None:
                 self._misses += 1
-                return await self._fetch(key, fetch, self._ttl_for(ttl, method))
+                return await self._fetch(key, fetch, self._ttl_for(ttl, method), shared)
             self._coalesced += 1
             await flight.done.wait()
             if flight.error is not None:
@@ -197,7 +249,7 @@ class Cache:
                 return flight.result
             # The fetcher was cancelled: loop, and the first waiter to get here fetches.
 
-    async def _fetch(self, key: Hashable, fetch: Callable[[], Awaitable[T]], ttl: float) -> Cached[T]:
+    async def _fetch(self, key: Hashable, fetch: Callable[[], Awaitable[T]], ttl: float, shared: bool) -> Cached[T]:
         flight = self._flights[key] = _Flight()
         try:
             value = await fetch()
@@ -215,7 +267,7 @@ class Cache:
             flight.error, flight.tb = exc, exc.__traceback__
             raise
         else:
-            flight.result = self._store(key, value, ttl)
+            flight.result = self._store(key, value, ttl, shared)
             return flight.result
         finally:
             # Also on Cancelled/KeyboardInterrupt: result and error stay None, so the
@@ -234,6 +286,10 @@ class Cache:
             cached = self._fallback(key)
         return cached
 
+    def would_fetch(self, key: Hashable) -> bool:
+        """Whether a lookup of ``key`` now would run a fetch (nothing fresh, none in flight)."""
+        return key not in self._flights and self._lookup(key) is None
+
     def get(self, key: Hashable) -> Cached[Any] | None:
         """The fresh value for ``key``, counted as a hit, or None (counted as a miss).
 
@@ -247,9 +303,11 @@ class Cache:
             self._hits += 1
         return cached
 
-    def put(self, key: Hashable, value: Any, *, ttl: float | None = None, method: str | None = None) -> None:
-        """Store a value fetched by the caller (TTL as in :meth:`get_or_fetch`)."""
-        self._store(key, value, self._ttl_for(ttl, method))
+    def put(
+        self, key: Hashable, value: Any, *, ttl: float | None = None, method: str | None = None, shared: bool = False
+    ) -> None:
+        """Store a value fetched by the caller (TTL and ``shared`` as in :meth:`get_or_fetch`)."""
+        self._store(key, value, self._ttl_for(ttl, method), shared)
 
     def invalidate(self, key: Hashable) -> None:
         """Forget the fresh value: the next lookup fetches.
@@ -257,25 +315,29 @@ class Cache:
         The last good value is kept, so a failing refetch can still serve it stale.
         A fetch already in flight is not affected.
         """
-        self._fresh.pop(key, None)
+        self._state.fresh.pop(key, None)
+        self._user.fresh.pop(key, None)
 
     def stats(self) -> dict[str, Any]:
         """A JSON-serializable snapshot.
 
         ``misses`` counts lookups that ran ``fetch()``; ``coalesced`` those that shared
-        another caller's fetch; ``hit_rate`` is hits over all lookups.
+        another caller's fetch; ``hit_rate`` is hits over all lookups. ``size``,
+        ``last_good`` and ``evictions`` are totals; ``partitions`` has them per partition.
         """
         lookups = self._hits + self._misses + self._coalesced
+        state, user = self._state.stats(self._cfg.state_maxsize), self._user.stats(self._cfg.maxsize)
         return {
-            "size": len(self._fresh),  # expires lazily; len() purges first
-            "maxsize": self._cfg.maxsize,
-            "last_good": len(self._last_good),
+            "size": state["size"] + user["size"],  # expires lazily; len() purges first
+            "maxsize": self._cfg.maxsize,  # cache.maxsize: the user lookups' bound
+            "last_good": state["last_good"] + user["last_good"],
             "hits": self._hits,
             "misses": self._misses,
             "hit_rate": self._hits / lookups if lookups else 0.0,
-            "evictions": self._fresh.evictions,
+            "evictions": state["evictions"] + user["evictions"],
             "coalesced": self._coalesced,
             "inflight": len(self._flights),
             "stale_served": self._stale_served,
             "errors": self._errors,
+            "partitions": {"state": state, "user": user},
         }

@@ -96,6 +96,8 @@ class UpstreamConfig:
     max_batch_size: int = 100
     max_queue: int = 10000
     max_retries: int = 3
+    # Largest JSON-RPC reply body read (bytes); a longer one is aborted (UpstreamError).
+    max_response_bytes: int = 64 * 1024 * 1024
     # Feed mode: take the state from a parent edgestate (its /ws, http(s) or ws(s) URL)
     # instead of the providers; more than one = fallback order. Empty = talk to providers.
     parent: tuple[str, ...] = ()
@@ -127,7 +129,10 @@ class UpstreamConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheConfig:
     ttl: float = 5.0
-    maxsize: int = 100000
+    maxsize: int = 100000  # entries of user lookups (prices of any mint, balances), per store
+    # Entries of the shared state's own partition (its token price, ...): user lookups
+    # never evict them, so the state's last-good values survive a flood of lookups.
+    state_maxsize: int = 1000
     max_stale: float = 300.0
     # Per-method TTL overrides, e.g. {getSlot = 0.4}; methods not listed use ttl.
     method_ttls: Mapping[str, float] = field(default_factory=lambda: types.MappingProxyType({}))
@@ -145,6 +150,8 @@ class StateConfig:
 class PriceConfig:
     url: str = "https://api.jup.ag/price/v3"
     max_requests_per_second: float = 0.5
+    # Distinct mints waiting for a price request; beyond it user lookups get 503.
+    max_pending_mints: int = 500
     # From $JUPITER_API_KEY, sent as x-api-key. Never printed.
     api_key: str = field(default="", repr=False)
 
@@ -175,6 +182,8 @@ class ApiConfig:
     max_wallets: int = 1000
     max_body_bytes: int = 65536
     per_client_rps: float = 0.0
+    # Upstream calls/s a client's lookups (prices, balances) may cost; 0 = off.
+    lookup_per_client_rps: float = 10.0
     trusted_proxies: tuple[str, ...] = ()
 
 
@@ -220,9 +229,12 @@ _CHOICES = {
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("log", "format"): ("text", "json"),
 }
+_MIN_RESPONSE_BYTES = 65536  # below this even a getHealth or a small batch could not be read
+
 # Keys that may be zero (everything else numeric must be > 0).
 _MAY_BE_ZERO = {
     ("api", "per_client_rps"),
+    ("api", "lookup_per_client_rps"),
     ("upstream", "max_retries"),
     ("cache", "max_stale"),
     ("server", "graceful_timeout"),
@@ -348,6 +360,8 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
         _check_url(value, where, ("http", "https"))
     if (section, key) == ("server", "bind"):
         _check_bind(value, where)
+    if (section, key) == ("upstream", "max_response_bytes") and value < _MIN_RESPONSE_BYTES:
+        raise ConfigError(f"{where}: must be >= {_MIN_RESPONSE_BYTES} (64 KiB), got {value!r}")
     if (section, key) == ("server", "max_header_bytes") and value < 1024:
         raise ConfigError(f"{where}: must be at least 1024 bytes, got {value}")
     if (section, key) == ("upstream", "max_batch_size") and value > 100:

@@ -61,7 +61,8 @@ def build_services(cfg: Config) -> Services:
     else:
         pool = Pool(cfg.upstream, limiter)
         solana = SolanaRpc(pool, cache, commitment=cfg.upstream.commitment)
-        price_client = PriceClient(cfg.price, cache, batch_window=cfg.upstream.batch_window_ms / 1000)
+        price_client = PriceClient(cfg.price, cache, batch_window=cfg.upstream.batch_window_ms / 1000,
+                                   timeout=cfg.upstream.request_timeout)
         refresher = Refresher(cfg, state, solana, price_client, limiter=limiter)
         rpc, prices = solana, price_client
     return Services(

@@ -23,6 +23,7 @@ from solders.pubkey import Pubkey
 
 from .cache import Cached
 from .errors import EdgeStateError, Overloaded, RateLimited, UpstreamTimeout
+from .limits import PRICE_COST, LookupLimiter, balances_cost
 from .state import Snapshot, etag_of
 
 if TYPE_CHECKING:
@@ -202,6 +203,8 @@ class Views:
         self.services = services
         self.stats = ApiStats()
         self.limiter = ClientLimiter(cfg.api.per_client_rps, cfg.api.trusted_proxies)
+        # Each client's share of the upstream budget for the lookup routes (limits.py).
+        self.lookups = LookupLimiter(cfg.api.lookup_per_client_rps, max_cost=balances_cost(cfg.api.max_wallets))
         self.allowed = set(cfg.server.allowed_origins)
         # The state changes every few seconds: browsers and CDNs may reuse it for 1 s and
         # serve it stale while revalidating for a few more.
@@ -281,6 +284,11 @@ class Views:
             status, body, extra = self._rate_limited()
             return status, body, extra + cors
         entry = self.price_bodies.get(mint)
+        if entry is None and self.price_would_fetch(mint):  # only a lookup that costs upstream is charged
+            limited = self.lookup_refused(client, headers.get("x-forwarded-for"), PRICE_COST)
+            if limited is not None:
+                status, body, extra = limited
+                return status, body, extra + cors
         if entry is None:
             refused, body, etag = await self._fetch_price(mint)
             if refused is not None:
@@ -292,6 +300,32 @@ class Views:
         if etag_matches(headers.get("if-none-match"), etag):
             return 304, b"", cache + cors
         return 200, body, [JSON_TYPE, *cache, *cors]
+
+    def price_would_fetch(self, mint: str) -> bool:
+        """Whether looking ``mint`` up now costs upstream (True when the client cannot tell)."""
+        would_fetch = getattr(self.services.prices, "would_fetch", None)  # ParentPrices has none
+        return bool(would_fetch(mint)) if would_fetch is not None else True
+
+    def charge_lookup(self, client: str | None, forwarded_for: str | None, cost: float) -> None:
+        """Take ``cost`` from the client's lookup share (``api.lookup_per_client_rps``).
+
+        Raises:
+            RateLimited: the share does not cover it (429 + Retry-After).
+        """
+        try:
+            self.lookups.charge(self.limiter.client_address(client, forwarded_for), cost)
+        except RateLimited:
+            self.stats.rate_limited += 1
+            raise
+
+    def lookup_refused(self, client: str | None, forwarded_for: str | None, cost: float) -> Answer | None:
+        """:meth:`charge_lookup`, with None when admitted and the 429 answer when not."""
+        try:
+            self.charge_lookup(client, forwarded_for, cost)
+        except RateLimited as exc:
+            status, code, message, extra = upstream_error_answer(exc)
+            return status, error_body(code, message), [JSON_TYPE, *((k.encode(), v.encode()) for k, v in extra.items())]
+        return None
 
     async def _fetch_price(self, mint: str) -> tuple[Answer | None, bytes, str]:
         """(None, body, ETag) of a price fetched once, or (the error answer, b"", "")."""

@@ -26,6 +26,7 @@ import trio
 from ..config import UpstreamConfig, redact
 from ..errors import Overloaded, RpcError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .batching import GMA_MAX, Call, ErrSpec, Window, Wire
+from .bodies import read_capped
 from .ratelimit import Priority, RateLimiter
 
 log = logging.getLogger("edgestate.upstream")
@@ -36,6 +37,7 @@ _DOWN_AFTER = 3  # consecutive transport/5xx failures before an endpoint is mark
 _PROBE_EVERY = 2.0
 _PROBE_CAP = 30.0
 _ITEM_RETRY = frozenset({429})  # per-item error codes worth another attempt
+_PROBE_BODY_CAP = 65536  # a getHealth reply is a few dozen bytes
 
 
 class _RedactUrls(logging.Filter):
@@ -355,7 +357,13 @@ class Pool:
         t0 = trio.current_time()
         try:
             with trio.fail_after(max(timeout, 0.0)):
-                resp = await self._client.send(_json_request(ep.url, body))
+                # Streamed and read with a cap (upstream.max_response_bytes): an endless
+                # or huge reply must cost one error, not the process's memory.
+                resp = await self._client.send(_json_request(ep.url, body), stream=True)
+                try:
+                    content = await read_capped(resp, self._cfg.max_response_bytes)
+                finally:
+                    await resp.aclose()
         except (trio.TooSlowError, httpx.TimeoutException) as exc:
             self._endpoint_failed(ep, "Timeout" if isinstance(exc, trio.TooSlowError) else type(exc).__name__)
             return wires, (UpstreamTimeout, f"no reply from {ep.label} within {timeout:.1f}s"), 0.0, True
@@ -368,8 +376,11 @@ class Pool:
             self._endpoint_failed(ep, f"HTTP {status}")
             return wires, (UpstreamError, f"HTTP {status} from {ep.label}"), 0.0, True
         self._endpoint_ok(ep)
+        if content is None:
+            cap = self._cfg.max_response_bytes
+            return self._fail_all(wires, f"reply from {ep.label} over upstream.max_response_bytes ({cap} bytes): aborted")
         try:
-            reply = json.loads(resp.content) if status != 429 else None
+            reply = json.loads(content) if status != 429 else None
         except ValueError:
             reply = ValueError
         # An error object as the whole body: the batch's (or the single call's) answer.
@@ -463,8 +474,12 @@ class Pool:
         body = {"jsonrpc": "2.0", "id": 0, "method": "getHealth"}
         try:
             with trio.fail_after(min(self._cfg.request_timeout, 10.0)):
-                resp = await self._client.send(_json_request(ep.url, json.dumps(body).encode()))
-            ok = resp.status_code == 200 and resp.json().get("result") == "ok"
+                resp = await self._client.send(_json_request(ep.url, json.dumps(body).encode()), stream=True)
+                try:
+                    content = await read_capped(resp, _PROBE_BODY_CAP)
+                finally:
+                    await resp.aclose()
+            ok = resp.status_code == 200 and content is not None and json.loads(content).get("result") == "ok"
         except (trio.TooSlowError, httpx.HTTPError, ValueError, AttributeError):
             ok = False
         if ok:
