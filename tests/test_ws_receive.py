@@ -20,6 +20,7 @@ import trio
 
 from edgestate import ws, wsframes
 from edgestate.broadcast import Hub
+from edgestate.heads import HeadReader
 from edgestate.state import SharedState
 from tests.conftest import make_config
 from tests.test_ws import ready_server
@@ -48,7 +49,11 @@ async def ws_pair(*, sndbuf: int = 0, extra: bytes = b"", **ws_cfg: object) -> A
 
     async def serve() -> None:
         try:
-            await ws.serve_ws(server_end, hub, cfg)
+            # As the front door does: the head is parsed once, the rest handed over.
+            reader = HeadReader(server_end, 8192)
+            request = await reader.next_request(idle_timeout=10, head_timeout=10)
+            assert request is not None
+            await ws.serve_ws(server_end, request, bytes(reader.buffer[request.head_size :]), hub, cfg)
         finally:
             done.set()
 

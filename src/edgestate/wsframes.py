@@ -50,6 +50,14 @@ def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode()
 
 
+def switching_protocols(key: str) -> bytes:
+    """The 101 answer accepting an upgrade with Sec-WebSocket-Key ``key``."""
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        b"sec-websocket-accept: " + accept_key(key).encode() + b"\r\n\r\n"
+    )
+
+
 def encode_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> bytes:
     """One unmasked server frame (final unless ``fin`` is False)."""
     n = len(payload)
