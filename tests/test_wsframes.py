@@ -37,7 +37,7 @@ def test_oversized_message_skipped_without_buffering_and_parser_recovers():
     big = masked(wsframes.OP_TEXT, b"x" * 8, fin=False) + masked(0, b"y" * 8, fin=False) + masked(0, b"z" * 8)
     events = parser.feed(big + masked(wsframes.OP_TEXT, b"ok"))
     assert events == [TooBig(16), Message(b"ok", True)]
-    assert len(parser._buf) == 0 and parser._parts == []
+    assert len(parser._buf) == 0 and not parser._parts
 
 
 def test_fragment_count_is_capped_and_empty_continuations_cost_no_memory():

@@ -211,4 +211,4 @@ def test_arbitrary_bytes_never_raise_and_stay_bounded(chunks, max_size, max_frag
             seen_failure |= isinstance(event, Failure)
         # Held: at most one partial header (14 bytes) plus one message within its cap.
         assert len(parser._buf) < 14
-        assert sum(map(len, parser._parts)) <= max_size
+        assert sum(map(len, parser._parts or [])) <= max_size

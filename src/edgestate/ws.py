@@ -291,12 +291,30 @@ async def receive(
         cancel_scope: cancelled by a third party (the hub) that closed the connection.
         read_size: bytes per read.
     """
+    end = _End.LOCAL  # what a cancelled cancel_scope means: the hub closed the client
     try:
-        end: _End | None = None
         with cancel_scope or trio.CancelScope():
-            end = await _receive_loop(stream, handler, parser, peer, unread, read_size)
-        if end is None:  # cancel_scope was cancelled: closed by the hub (heartbeat, shutdown, slow)
-            end = _End.LOCAL
+            # The loop lives in this frame (no nested coroutine) while the peer is idle:
+            # per-connection memory is what 100k clients multiply.
+            try:
+                data = unread
+                while True:
+                    if data and (found := await _process(handler, parser, data, peer)) is not None:
+                        end = found
+                        break
+                    data = await stream.receive_some(read_size)
+                    if not data:
+                        end = _End.GONE
+                        break
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                end = _End.GONE
+            except Exception:  # a bug or a resource error on one connection, never the server's
+                log.exception("ws %s: unexpected error, closing the connection with 1011", peer)
+                end = _End.FAILED
+                try:
+                    await handler.send_close(wsframes.CLOSE_INTERNAL_ERROR, "internal error")
+                except Exception:  # the socket is dropped next anyway
+                    pass
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
             if end is _End.FAILED:
                 await _drop(stream)
@@ -306,44 +324,22 @@ async def receive(
         await trio.aclose_forcefully(stream)
 
 
-async def _receive_loop(
-    stream: trio.SocketStream,
-    handler: Handler,
-    parser: wsframes.FrameParser,
-    peer: str,
-    data: bytes,
-    read_size: int,
-) -> _End:
-    try:
-        while True:
-            if data:
-                for event in parser.feed(data):
-                    if isinstance(event, wsframes.Close):
-                        code = wsframes.CLOSE_NORMAL if event.code == wsframes.CLOSE_NO_STATUS else event.code
-                        await handler.send_close(code)
-                        return _End.PEER_CLOSED
-                    if isinstance(event, wsframes.Failure):
-                        log.debug("ws %s: protocol error: %s", peer, event.reason)
-                        await handler.send_close(event.code, event.reason)
-                        return _End.FAILED
-                    await handler.on_event(event, parser.frames)
-                    if handler.closing:
-                        return _End.LOCAL
-                handler.on_frames(parser.frames)
-                if handler.closing:
-                    return _End.LOCAL
-            data = await stream.receive_some(read_size)
-            if not data:
-                return _End.GONE
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        return _End.GONE
-    except Exception:  # a bug or a resource error on one connection, never the server's
-        log.exception("ws %s: unexpected error, closing the connection with 1011", peer)
-        try:
-            await handler.send_close(wsframes.CLOSE_INTERNAL_ERROR, "internal error")
-        except Exception:  # the socket is dropped next anyway
-            pass
-        return _End.FAILED
+async def _process(handler: Handler, parser: wsframes.FrameParser, data: bytes, peer: str) -> _End | None:
+    """Hand one read's events to ``handler``; how the connection ends, or None to go on."""
+    for event in parser.feed(data):
+        if isinstance(event, wsframes.Close):
+            code = wsframes.CLOSE_NORMAL if event.code == wsframes.CLOSE_NO_STATUS else event.code
+            await handler.send_close(code)
+            return _End.PEER_CLOSED
+        if isinstance(event, wsframes.Failure):
+            log.debug("ws %s: protocol error: %s", peer, event.reason)
+            await handler.send_close(event.code, event.reason)
+            return _End.FAILED
+        await handler.on_event(event, parser.frames)
+        if handler.closing:
+            return _End.LOCAL
+    handler.on_frames(parser.frames)
+    return _End.LOCAL if handler.closing else None
 
 
 async def _drop(stream: trio.SocketStream) -> None:

@@ -216,7 +216,7 @@ class FrameParser:
         self._mpos = 0  # position in the mask of the next payload byte
         self._ctl = b""  # control payload so far (at most 125 bytes)
         self._msg_op = 0  # opcode of the message in progress; 0: none
-        self._parts: list[bytes] = []
+        self._parts: list[bytes] | None = None  # only while a message is open: idle parsers stay small
         self._size = 0
         self._count = 0  # frames of the message in progress
         self._utf8: codecs.IncrementalDecoder | None = None  # only while a text message is open
@@ -248,7 +248,7 @@ class FrameParser:
         except _Fail as exc:
             self._failed = True
             buf.clear()
-            self._parts, self._utf8, self._ctl = [], None, b""
+            self._parts, self._utf8, self._ctl = None, None, b""
             events.append(Failure(exc.code, str(exc)))
         return events
 
@@ -299,14 +299,14 @@ class FrameParser:
             self._ctl = b""
             return True
         if opcode != OP_CONT:
-            self._msg_op, self._size, self._count = opcode, 0, 0
+            self._msg_op, self._size, self._count, self._parts = opcode, 0, 0, []
             self._utf8 = _utf8_decoder() if opcode == OP_TEXT else None
         self._count += 1
         if not self._skipping and (self._size + length > self._max or self._count > self._max_fragments):
             # Over a limit: report once, drop what was kept, skip the rest unread.
             events.append(TooBig(self._size + length))
             self._skipping = True
-            self._parts, self._utf8 = [], None
+            self._parts, self._utf8 = None, None
         self._size += length
         return True
 
@@ -326,7 +326,8 @@ class FrameParser:
                 self._utf8.decode(chunk)
             except UnicodeDecodeError:
                 raise _Fail("text message is not valid UTF-8", CLOSE_INVALID_DATA) from None
-        self._parts.append(chunk)
+        if self._parts is not None:
+            self._parts.append(chunk)
 
     def _end_frame(self, events: list[Event]) -> None:
         self._left = -1
@@ -343,10 +344,10 @@ class FrameParser:
                     self._utf8.decode(b"", True)
                 except UnicodeDecodeError:
                     raise _Fail("text message ends inside a UTF-8 sequence", CLOSE_INVALID_DATA) from None
-            parts = self._parts
+            parts = self._parts or []
             events.append(Message(parts[0] if len(parts) == 1 else b"".join(parts), self._msg_op == OP_TEXT))
         self._msg_op, self._size, self._count, self._skipping = 0, 0, 0, False
-        self._parts, self._utf8 = [], None
+        self._parts, self._utf8 = None, None
 
 
 def _unmask(payload: bytes, mask: bytes) -> bytes:
