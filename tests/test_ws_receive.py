@@ -316,6 +316,8 @@ async def test_hostile_frames_cost_one_connection_not_the_server(nursery, sim, w
         late = await ws_connect(server.url)  # the server still accepts
         assert (await late.message())["type"] == "stateUpdate"
         assert not server.done.is_set()
+        for client in (bystander, late):
+            await client.aclose()
         await server.shutdown()
 
 
