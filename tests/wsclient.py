@@ -26,14 +26,22 @@ def masked(opcode: int, payload: bytes, *, fin: bool = True, mask: bytes = b"\x0
 
 
 class WsClient:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.buf = bytearray()
 
     @classmethod
-    async def connect(cls, url: str, *, origin: str | None = None, path: str = "/ws") -> WsClient:
+    async def connect(cls, url: str, *, origin: str | None = None, path: str = "/ws", extra: bytes = b"") -> WsClient:
         host, port = url.removeprefix("http://").split(":")
         stream = await trio.open_tcp_stream(host, int(port))
+        return await cls.handshake(stream, host=host, origin=origin, path=path, extra=extra)
+
+    @classmethod
+    async def handshake(
+        cls, stream: trio.abc.Stream, *, host: str = "x", origin: str | None = None, path: str = "/ws",
+        extra: bytes = b"",
+    ) -> WsClient:
+        """Upgrade ``stream``; ``extra`` (e.g. frames) is sent in the same write as the head."""
         key = base64.b64encode(os.urandom(16)).decode()
         head = (
             f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -42,7 +50,7 @@ class WsClient:
         )
         if origin:
             head += f"Origin: {origin}\r\n"
-        await stream.send_all((head + "\r\n").encode())
+        await stream.send_all((head + "\r\n").encode() + extra)
         client = cls(stream)
         status, headers = await client.read_head()
         client.status, client.headers = status, headers
@@ -105,6 +113,15 @@ class WsClient:
             opcode, payload = await self.frame()
             if opcode == wsframes.OP_CLOSE:
                 return wsframes.parse_close(payload)
+
+    async def frames_until_eof(self) -> list[tuple[int, bytes]]:
+        """Every frame the server still sends, until it closes the TCP connection."""
+        frames = []
+        while True:
+            try:
+                frames.append(await self.frame())
+            except (EOFError, trio.BrokenResourceError):
+                return frames
 
     async def send_raw(self, data: bytes) -> None:
         await self.stream.send_all(data)

@@ -9,10 +9,11 @@ peer leaves or the hub closes it.
 from __future__ import annotations
 
 import base64
+import enum
 import json
 import logging
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -31,7 +32,14 @@ _HANDSHAKE_SEND_TIMEOUT = 10.0
 _DATE = HttpDate()
 # Abuse policy: this many bad frames (or frames over the message rate) → close 1008.
 _MAX_STRIKES = 10
+# Every frame counts (data, continuation and control alike): 20 a second, bursts of 40.
 _MSG_RATE, _MSG_BURST = 20.0, 40.0
+# Fragments of one message; its bytes are capped by ws.max_message_size. Browsers do not
+# fragment small messages; an endless run of continuation frames is skipped (TooBig) and
+# struck by the rate limit instead of growing memory.
+_MAX_FRAGMENTS = 32
+# How long the closing handshake may take once we closed or failed the connection.
+_CLOSE_TIMEOUT = 2.0
 
 _PONG = wsframes.text_frame(b'{"type":"pong"}')
 
@@ -79,17 +87,54 @@ def _is_base64_16(key: str) -> bool:
         return False
 
 
-class _Session:
-    """Per-connection message handling (strikes, message rate, replies)."""
+class Handler(Protocol):
+    """The per-connection protocol above the frames, driven by :func:`receive`.
 
-    __slots__ = ("client", "hub", "cfg", "strikes", "allowance", "stamp", "size_error")
+    /ws's is :class:`_Session` (contract messages, strikes, message rate); the
+    compliance echo server has its own. Frames never reach a handler after a close.
+    """
+
+    @property
+    def closing(self) -> bool:
+        """True once this side has closed (its close frame sent, or the socket given up)."""
+        ...
+
+    async def on_event(self, event: wsframes.Message | wsframes.Control | wsframes.TooBig, frames: int) -> None:
+        """Act on a message, a ping or pong, or a message skipped as too big.
+
+        ``frames`` is the parser's count of frames so far (every opcode), for rate limits.
+        """
+        ...
+
+    def on_frames(self, frames: int) -> None:
+        """Called after each read's events with the same count, so frames that completed
+        no event (continuations, a message still open) count too."""
+        ...
+
+    async def send_close(self, code: int, reason: str = "") -> None:
+        """Send a close frame, at most once, and stop sending anything else."""
+        ...
+
+
+class _Session:
+    """/ws message handling: the contract's replies, strikes and the frame rate."""
+
+    __slots__ = ("client", "hub", "strikes", "allowance", "stamp", "charged", "size_error")
 
     def __init__(self, client: Client, hub: Hub, cfg: Config) -> None:
-        self.client, self.hub, self.cfg = client, hub, cfg
+        self.client, self.hub = client, hub
         self.strikes = 0
         self.allowance = _MSG_BURST
         self.stamp = trio.current_time()
+        self.charged = 0  # frames already paid for out of the rate allowance
         self.size_error = _error_frame(f"message too large: at most {cfg.ws.max_message_size} bytes")
+
+    @property
+    def closing(self) -> bool:
+        return self.client.closing
+
+    async def send_close(self, code: int, reason: str = "") -> None:
+        self.client.close(code, reason)
 
     def _strike(self, frame: bytes) -> None:
         self.strikes += 1
@@ -98,40 +143,46 @@ class _Session:
         else:
             self.client.send_reply(frame)
 
-    def _over_rate(self) -> bool:
+    def _pay(self, frames: int) -> bool:
+        # Token bucket: every frame costs one token, control and continuation frames too,
+        # so no kind of frame can be sent endlessly for free.
         now = trio.current_time()
         self.allowance = min(_MSG_BURST, self.allowance + (now - self.stamp) * _MSG_RATE)
         self.stamp = now
-        if self.allowance < 1:
-            return True
-        self.allowance -= 1
-        return False
+        self.allowance -= frames
+        if self.allowance < 0:
+            self.allowance = 0.0
+            return False
+        return True
 
-    def handle(self, event: wsframes.Message | wsframes.Control | wsframes.TooBig) -> bool:
-        """Act on one event; False when the connection should end."""
+    def on_frames(self, frames: int) -> None:
+        self.client.last_seen = trio.current_time()  # any input proves the peer alive (heartbeat)
+        unpaid, self.charged = frames - self.charged, frames
+        if unpaid > 0 and not self._pay(unpaid):
+            self._strike(_ERR_RATE)
+
+    async def on_event(self, event: wsframes.Message | wsframes.Control | wsframes.TooBig, frames: int) -> None:
+        # The event's own (final) frame; its earlier fragments are paid by on_frames.
+        if self.charged < frames:
+            self.charged += 1
+            if not self._pay(1):
+                self._strike(_ERR_RATE)
+                return
         client = self.client
         if isinstance(event, wsframes.Control):
             if event.opcode == wsframes.OP_PING:
                 client.send_reply(wsframes.encode_frame(wsframes.OP_PONG, event.payload))
-            elif event.opcode == wsframes.OP_CLOSE:
-                code = wsframes.parse_close(event.payload)
-                client.close(wsframes.CLOSE_NORMAL if code in (1005, 1006) else code)
-                return False
-            return True
-        if self._over_rate():
-            self._strike(_ERR_RATE)
         elif isinstance(event, wsframes.TooBig):
             self._strike(self.size_error)
         elif not event.text:
             self._strike(_ERR_BINARY)
         else:
             self._on_text(event.data)
-        return not client.closing
 
     def _on_text(self, data: bytes) -> None:
         try:
             message: Any = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nesting like [[[[... (~1000 deep)
             self._strike(_ERR_JSON)
             return
         kind = message.get("type") if isinstance(message, dict) else None
@@ -146,7 +197,10 @@ class _Session:
 
 
 async def serve_ws(stream: trio.SocketStream, request: Request, rest: bytes, hub: Hub, cfg: Config) -> None:
-    """Run one /ws connection from handshake to close; never raises for peer errors.
+    """Run one /ws connection from handshake to close.
+
+    Never raises for peer errors or for a bug met on this connection (logged with the
+    peer, answered 1011 after the handshake); the stream is always closed.
 
     Args:
         request: the upgrade request, parsed by the front door.
@@ -178,11 +232,12 @@ async def accept_ws(stream: trio.SocketStream, request: Request, rest: bytes, hu
 async def run_ws(stream: trio.SocketStream, client: Client, hub: Hub, cfg: Config, started: float) -> None:
     """A registered client's session: its messages until it leaves or is closed."""
     try:
-        await _receive_loop(stream, client, hub, cfg)
+        parser = wsframes.FrameParser(cfg.ws.max_message_size, max_fragments=_MAX_FRAGMENTS)
+        unread, client.unread = client.unread, b""
+        session = _Session(client, hub, cfg)
+        await receive(stream, session, parser, peer=client.peer, unread=unread, cancel_scope=client.cancel_scope)
     finally:
         client.close(None)  # no-op when already closing; stops every further write
-        with trio.CancelScope(shield=True):
-            await _linger(stream)
         access_log.info("ws %s closed after %.1fs", client.peer, trio.current_time() - started)
 
 
@@ -192,10 +247,7 @@ async def _handshake(stream: trio.SocketStream, request: Request, rest: bytes, h
     try:
         key = check_upgrade(request, cfg)
         with trio.fail_after(_HANDSHAKE_SEND_TIMEOUT):
-            await stream.send_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
-                b"sec-websocket-accept: " + wsframes.accept_key(key).encode() + b"\r\n\r\n"
-            )
+            await stream.send_all(wsframes.switching_protocols(key))
     except BadRequest as exc:
         log.debug("ws %s refused: %d %s", peer, exc.status, exc.message)
         hub.refused_handshake += 1
@@ -217,37 +269,112 @@ async def _handshake(stream: trio.SocketStream, request: Request, rest: bytes, h
     return client
 
 
-async def _receive_loop(stream: trio.SocketStream, client: Client, hub: Hub, cfg: Config) -> None:
-    session = _Session(client, hub, cfg)
-    parser = wsframes.FrameParser(cfg.ws.max_message_size)
-    data, client.unread = client.unread, b""
+class _End(enum.Enum):
+    PEER_CLOSED = "the peer closed and we answered"
+    FAILED = "we failed the connection (protocol error, internal error)"
+    LOCAL = "we closed first"
+    GONE = "the TCP connection ended without a closing handshake"
+
+
+async def receive(
+    stream: trio.SocketStream,
+    handler: Handler,
+    parser: wsframes.FrameParser,
+    *,
+    peer: str,
+    unread: bytes = b"",
+    cancel_scope: trio.CancelScope | None = None,
+    read_size: int = 4096,
+) -> None:
+    """Run a connection's receive side after the handshake, then close it as RFC 6455 asks.
+
+    Frames go to ``handler`` until a close. A close from the peer is answered with the
+    same code (1000 when it gave none) and the TCP connection is closed at once. A
+    protocol violation is answered with 1002 (1007 for invalid UTF-8), an exception in
+    ``handler`` is logged with the peer and answered with 1011; then the TCP connection
+    is dropped. When this side closed first (``handler.closing``, or ``cancel_scope``
+    cancelled by whoever closed it) the peer's close frame is awaited for a few seconds.
+    The stream is always closed on return. Never raises for anything the peer sends or
+    a bug in ``handler``; only cancellation from outside passes through.
+
+    Args:
+        stream: the connection, after the handshake.
+        handler: what acts on the messages.
+        parser: the frame parser of this connection (its limits apply).
+        peer: ``host:port`` of the client, for the log.
+        unread: bytes that arrived with the handshake.
+        cancel_scope: cancelled by a third party (the hub) that closed the connection.
+        read_size: bytes per read.
+    """
+    end = _End.LOCAL  # what a cancelled cancel_scope means: the hub closed the client
     try:
-        with client.cancel_scope:
-            while True:
-                if data:
-                    client.last_seen = trio.current_time()
-                    for event in parser.feed(data):
-                        if not session.handle(event):
-                            break
-                    if client.closing:
-                        return
-                data = await stream.receive_some(4096)
-                if not data:
-                    return
-    except wsframes.ProtocolError as exc:
-        log.debug("ws %s: protocol error: %s", client.peer, exc)
-        client.close(wsframes.CLOSE_PROTOCOL_ERROR, str(exc)[:100])
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        with cancel_scope or trio.CancelScope():
+            # The loop lives in this frame (no nested coroutine) while the peer is idle:
+            # per-connection memory is what 100k clients multiply.
+            try:
+                data = unread
+                while True:
+                    if data and (found := await _process(handler, parser, data, peer)) is not None:
+                        end = found
+                        break
+                    data = await stream.receive_some(read_size)
+                    if not data:
+                        end = _End.GONE
+                        break
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                end = _End.GONE
+            except Exception:  # a bug or a resource error on one connection, never the server's
+                log.exception("ws %s: unexpected error, closing the connection with 1011", peer)
+                end = _End.FAILED
+                try:
+                    await handler.send_close(wsframes.CLOSE_INTERNAL_ERROR, "internal error")
+                except Exception:  # the socket is dropped next anyway
+                    pass
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+            if end is _End.FAILED:
+                await _drop(stream)
+            elif end is _End.LOCAL:
+                await _await_close(stream, parser, read_size)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _process(handler: Handler, parser: wsframes.FrameParser, data: bytes, peer: str) -> _End | None:
+    """Hand one read's events to ``handler``; how the connection ends, or None to go on."""
+    for event in parser.feed(data):
+        if isinstance(event, wsframes.Close):
+            code = wsframes.CLOSE_NORMAL if event.code == wsframes.CLOSE_NO_STATUS else event.code
+            await handler.send_close(code)
+            return _End.PEER_CLOSED
+        if isinstance(event, wsframes.Failure):
+            log.debug("ws %s: protocol error: %s", peer, event.reason)
+            await handler.send_close(event.code, event.reason)
+            return _End.FAILED
+        await handler.on_event(event, parser.frames)
+        if handler.closing:
+            return _End.LOCAL
+    handler.on_frames(parser.frames)
+    return _End.LOCAL if handler.closing else None
+
+
+async def _drop(stream: trio.SocketStream) -> None:
+    # Fail the connection: our close frame, then FIN. Reading what the peer still sends
+    # (until its FIN or the deadline) keeps unread input from turning the close into a
+    # reset that could destroy our close frame before the peer reads it.
+    try:
+        await stream.send_eof()
+        while await stream.receive_some(4096):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
         pass
 
 
-async def _linger(stream: trio.SocketStream) -> None:
-    # Give the peer a moment to read our close frame and answer it, so unread input
-    # does not turn our close into a reset; then release the socket.
-    with trio.move_on_after(1.0):
-        try:
-            while await stream.receive_some(4096):
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-    await stream.aclose()
+async def _await_close(stream: trio.SocketStream, parser: wsframes.FrameParser, read_size: int) -> None:
+    # We closed first: wait for the peer's close frame (RFC 6455 7.1.1), then close TCP.
+    try:
+        while data := await stream.receive_some(read_size):
+            for event in parser.feed(data):
+                if isinstance(event, (wsframes.Close, wsframes.Failure)):
+                    return
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
