@@ -182,7 +182,7 @@ async def test_count_program_accounts(autojump_clock: Any, rpc: SolanaRpc, chain
             "withContext": True,
         },
     ]
-    chain.override = lambda item: [{"pubkey": key()}] * 3  # a provider ignoring withContext
+    chain.override = lambda item: [{"pubkey": key()} for _ in range(3)]  # a provider ignoring withContext
     assert (await rpc.count_program_accounts(program, [], cached=False)).value == 3
 
 
@@ -228,7 +228,9 @@ async def test_malformed_replies_raise_upstream_error(
 
 def add_mint(chain: Chain, program: str, decimals: int, extra: int = 0) -> str:
     mint = key()
-    data = bytes(Mint(None, 10**12, decimals, True, None)) + b"\x00" * extra  # Token-2022 may be longer
+    data = bytes(Mint(None, 10**12, decimals, True, None))
+    if extra:  # Token-2022 with extensions: padding to 165, account type 1 (mint), TLV space
+        data += b"\x00" * 83 + b"\x01" + b"\x00" * extra
     chain.accounts[mint] = (1_461_600, program, data)
     return mint
 
@@ -266,7 +268,7 @@ async def test_token_balances_bad_mint(autojump_clock: Any, rpc: SolanaRpc, chai
         await rpc.get_token_balances([key()], key())
     not_mint = key()
     chain.accounts[not_mint] = (1, SYSTEM, b"\x00" * 82)
-    with pytest.raises(InvalidMint, match="not an initialized"):
+    with pytest.raises(InvalidMint, match="not an SPL Token or Token-2022 mint"):
         await rpc.get_token_balances([key()], not_mint)
     assert issubclass(InvalidMint, ValueError)
 

@@ -42,7 +42,7 @@ class CreditMeter:
     """
 
     def __init__(self) -> None:
-        self._totals: collections.Counter[str] = collections.Counter()
+        self._totals: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._buckets: dict[str, collections.deque[list[float]]] = {}
         self._since: dict[str, float] = {}
 
@@ -62,7 +62,7 @@ class CreditMeter:
 
     def total(self, provider: str | None = None) -> float:
         """Credits spent since start, at one provider or at all of them."""
-        return float(self._totals[provider] if provider is not None else sum(self._totals.values()))
+        return float(self._totals.get(provider, 0.0) if provider is not None else sum(self._totals.values()))
 
     def per_second(self, provider: str) -> float:
         """The recent spending rate at ``provider`` (credits/s; see the class docstring)."""
