@@ -15,7 +15,7 @@ def write(tmp_path, text):
 def test_defaults_are_the_seeds():
     cfg = config.load(None, environ={})
     assert cfg.upstream.max_connections == 10
-    assert cfg.upstream.max_requests_per_second == 100
+    assert cfg.upstream.max_requests_per_second == 10  # Helius Free (issue 11)
     assert cfg.upstream.request_timeout == 30.0
     assert cfg.upstream.batch_window_ms == 100
     assert cfg.state.polling_interval == 30.0

@@ -58,7 +58,7 @@ def collect(services: Services) -> dict[str, Any]:
             "credits_per_second": round(credits_per_s, 6),
             "projected_monthly_credits": round(credits_per_s * SECONDS_PER_MONTH),
             "projected_monthly_credits_by_provider": {
-                e["url"]: e.get("projected_monthly_credits", 0) for e in pool.get("endpoints", [])
+                str(e["url"]): e.get("projected_monthly_credits", 0) for e in pool.get("endpoints", []) if isinstance(e, dict)
             },
             "requests_per_second": pool.get("requests_per_second", 0.0),
             "price_requests_per_second": round(price_rps, 3),
