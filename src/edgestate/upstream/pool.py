@@ -195,6 +195,10 @@ class Pool:
             m: RateLimiter(rate, name=f"upstream {m}") for m, rate in cfg.method_rate_limits.items()
         }
         self.credits = CreditMeter()
+        # A batch's items count as requests in the second it is sent: never more per batch
+        # than one second of the limits allows (Helius Free: 10 items, 5 getProgramAccounts).
+        self._items_cap = min(cfg.max_batch_size, max(1, int(cfg.max_requests_per_second)))
+        self._method_caps = {m: max(1, int(rate)) for m, rate in cfg.method_rate_limits.items()}
         self._failovers: collections.Counter[str] = collections.Counter()
         self._window_s = cfg.batch_window_ms / 1000
         # One attempt may use at most half the deadline, so a hung endpoint leaves time to fail over.
@@ -279,7 +283,6 @@ class Pool:
         max_calls = self._cfg.max_batch_size * GMA_MAX
         # With max_batch_size 1 the window stays open so reads can still merge.
         close_at = self._cfg.max_batch_size if self._cfg.max_batch_size > 1 else math.inf
-        size = self._cfg.max_batch_size
         async for first in rx:
             if not first.waiting:
                 continue
@@ -292,7 +295,8 @@ class Pool:
                         window.add(call)
             wires, merged = window.build()
             self._n["merged"] += merged
-            for chunk in pack(wires, max_items=size, max_bytes=self._cfg.max_batch_bytes):
+            for chunk in pack(wires, max_items=self._items_cap, max_bytes=self._cfg.max_batch_bytes,
+                              per_method=self._method_caps):
                 batch = _Batch(chunk, priority)
                 try:
                     await self._submit(batch)
