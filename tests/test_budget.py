@@ -72,3 +72,32 @@ async def test_polling_stretches_on_the_clock(autojump_clock, nursery):
     await trio.sleep(20.0)
     assert prices.at == [0.0, 2.0, 4.0, 14.0, 24.0]
     nursery.cancel_scope.cancel()
+
+
+class _NoRpc:
+    async def program_account_keys(self, *args, **kwargs):
+        raise ValueError("not needed here")
+
+    async def get_multiple_accounts(self, *args, **kwargs):
+        raise ValueError("not needed here")
+
+
+async def test_the_budget_never_stretches_the_price_interval(autojump_clock, nursery):
+    # Issue 11: the price API costs no RPC credits, yet the credit budget stretched its
+    # interval along with the RPC polling.
+    cfg = make_config(None, upstream={"credits_per_month": 1_000_000}, state={"price_interval": 2.0})
+    prices = _Prices()
+    refresher = Refresher(cfg, SharedState(cfg), rpc=_NoRpc(), prices=prices)  # type: ignore[arg-type]
+
+    async def no_pubsub(*, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        await trio.sleep_forever()
+
+    refresher.pubsub.run = no_pubsub  # type: ignore[method-assign]
+    await nursery.start(refresher.run)
+    per_s = 5 * 1_000_000 / SECONDS_PER_MONTH
+    refresher.budget_tick(-30.0, 0.0)
+    assert refresher.budget_tick(0.0, 30 * per_s) and refresher.scale == pytest.approx(5.0)
+    await trio.sleep(9.0)
+    assert prices.at == [0.0, 2.0, 4.0, 6.0, 8.0]  # every 2 s, whatever the scale
+    nursery.cancel_scope.cancel()

@@ -132,16 +132,17 @@ class SharedState:
 
     # -- writing -----------------------------------------------------------------
 
-    def confirm(self, names: tuple[str, ...] = FIELDS, *, source: str = "push") -> bool:
-        """The subscription feeding these fields is alive: their values are current.
+    def confirm(self, names: tuple[str, ...]) -> bool:
+        """The live subscription feeding these fields vouches for their values now.
 
-        Only fields last written by ``source`` are confirmed (a polled value keeps its
-        own age). Returns True when a snapshot was published (the stale flag flipped).
+        The caller names only fields the subscription keeps current (read or pushed since
+        it started). A field known to have no value stays so. Returns True when a
+        snapshot was published (the stale flag flipped).
         """
         now = trio.current_time()
         for name in names:
             fv = self._fields[name]
-            if fv is not None and fv.source == source and fv.missing is None:
+            if fv is not None and fv.missing is None:
                 self._fields[name] = FieldValue(fv.value, fv.slot, now, fv.source)
         return self.refresh_staleness()
 
