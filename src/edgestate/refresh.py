@@ -21,11 +21,11 @@ every answered ping of the PubSub socket confirms the pushed fields, so a pot th
 not change for an hour stays ready.
 
 Quota budget: with ``upstream.credits_per_month`` set, the projected monthly burn (the
-credits the pool sent over the last minute, as a rate x 30 days) is compared with the
-budget every 5 s, and the RPC polling intervals are multiplied by :func:`interval_scale`
+credits the pool sent over the last 15 minutes, as a rate x 30 days) is compared with
+the budget every 5 s, and the RPC polling intervals are multiplied by :func:`interval_scale`
 (at most ``upstream.max_interval_scale``). The price interval is never stretched: the
 price API costs no RPC credits (its own limit is the price client's rate limiter). After
-a change the rate is measured afresh for 30 s before the next decision, so the
+a change the rate is measured afresh for 5 minutes before the next decision, so the
 controller does not chase its own transient. Children never call the providers, so a
 root's projection is its whole tree's.
 """
@@ -54,8 +54,11 @@ log = logging.getLogger("edgestate.refresh")
 __all__ = ["SECONDS_PER_MONTH", "Participants", "Refresher", "interval_scale"]
 _MAX_RECENT = 100_000  # pushes remembered between two recounts; beyond, the next recount comes early
 _BUDGET_EVERY = 5.0  # seconds between budget checks
-_BUDGET_WINDOW = 60.0  # seconds of granted credits a projection is based on
-_BUDGET_SETTLE = 30.0  # seconds measured at one scale before deciding on another
+# Seconds of spent credits a projection is based on, and measured at one scale before a
+# decision. Long: a recount every 10 minutes and the reads at (re)subscribe are lumps
+# that a one-minute window would project to millions a month.
+BUDGET_WINDOW = 900.0
+BUDGET_SETTLE = 300.0
 
 
 def interval_scale(projected: float, budget: float, *, current: float = 1.0, max_scale: float = 10.0) -> float:
@@ -365,13 +368,13 @@ class Refresher:
         """Record the limiter's cumulative granted credits; rescale if due. True if rescaled."""
         samples = self._samples
         samples.append((now, granted_credits))
-        while len(samples) > 2 and now - samples[1][0] >= _BUDGET_WINDOW:
+        while len(samples) > 2 and now - samples[1][0] >= BUDGET_WINDOW:
             samples.popleft()
         t0, c0 = samples[0]
         if now - t0 <= 0:
             return False
         self.projected = (granted_credits - c0) / (now - t0) * SECONDS_PER_MONTH
-        if now - t0 < _BUDGET_SETTLE:
+        if now - t0 < BUDGET_SETTLE:
             return False
         up = self._cfg.upstream
         scale = interval_scale(self.projected, up.credits_per_month, current=self.scale, max_scale=up.max_interval_scale)
