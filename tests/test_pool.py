@@ -11,6 +11,8 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgestate.config import UpstreamConfig
 from edgestate.errors import Overloaded, RpcError, UpstreamError, UpstreamTimeout
@@ -692,3 +694,25 @@ async def test_429_storm_never_exceeds_our_limit_and_settles(
     # The adaptive limiter backed off: far fewer 429s than calls.
     assert limiter.stats()["penalties"] >= 1
     assert throttled < 60, throttled
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.sampled_from(["getSlot", "getProgramAccounts"]), st.integers(0, 3000)), max_size=60),
+    max_items=st.integers(1, 20),
+    max_bytes=st.integers(1024, 20_000),
+)
+def test_pack_respects_every_cap_and_keeps_every_call(
+    sizes: list[tuple[str, int]], max_items: int, max_bytes: int
+) -> None:
+    from edgestate.upstream.batching import Wire, pack
+
+    wires = [Wire(method, [{"pad": "x" * n}]) for method, n in sizes]
+    batches = pack(wires, max_items=max_items, max_bytes=max_bytes, per_method={"getProgramAccounts": 3})
+    assert [w for b in batches for w in b] == wires  # nothing lost, order kept
+    for batch in batches:
+        assert 1 <= len(batch) <= max_items
+        assert sum(w.method == "getProgramAccounts" for w in batch) <= 3
+        body = json.dumps([{"jsonrpc": "2.0", "id": 10**12 - 1, "method": w.method, "params": w.params} for w in batch],
+                          separators=(",", ":"))
+        assert len(batch) == 1 or len(body) <= max_bytes  # only a lone oversized call may exceed it
