@@ -1,4 +1,4 @@
-"""python -m bench {all,fanout,http,amplification,balances,pool,soak,scaleout,report} [--quick|--full]
+"""python -m bench {all,fanout,http,amplification,balances,pool,soak,scaleout,cost,report} [--quick|--full]
 
 Installs what it needs when missing (apt-get: nginx, libnginx-mod-nchan, wrk; npm: ws in
 bench/loadclient; pip: matplotlib for the plots), starts everything on loopback, runs bounded
@@ -23,7 +23,7 @@ import time
 from . import common
 from .common import log
 
-SCENARIOS = ("fanout", "http", "attack", "parse", "amplification", "balances", "pool", "soak", "scaleout")
+SCENARIOS = ("fanout", "http", "attack", "parse", "amplification", "balances", "pool", "soak", "scaleout", "cost")
 
 
 def _deps(need_nginx: bool, need_wrk: bool, need_node: bool) -> dict[str, bool]:
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=4000.0, help="WebSocket connections opened per second in all")
     p.add_argument("--soak-minutes", type=float, default=10.0)
     p.add_argument("--workers", type=int, default=6, help="scaleout: worker processes (default 6)")
+    p.add_argument("--hours", type=float, default=2.0, help="cost: virtual hours of lottery activity (default 2)")
+    p.add_argument("--join-every", type=float, default=30.0, help="cost: seconds between participant joins")
     p.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--baseline", metavar="PATH",
                    help="a checkout of today's code: each scenario runs against it first (saved as "
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 from . import scaleout
                 ns = [int(x) for x in args.ns.split(",")] if args.ns else [20_000, 50_000, 100_000]
                 scaleout.run(ns, workers=args.workers, updates=10, rate=args.rate)
+            elif name == "cost":
+                from . import cost
+                cost.run(hours=args.hours, join_every=args.join_every)
             elif name == "soak":
                 if not deps["node"]:
                     continue

@@ -38,3 +38,19 @@ def test_fanout_analysis_counts_missing_and_latency() -> None:
     a = _analyse(dumps, sent, 2)
     assert a["missing"] == 1 and a["expected"] == 4 and a["deliveries"] == 3
     assert a["last_ms_max"] == pytest.approx(20.0)
+
+
+def test_cost_bench_runs_in_virtual_time():
+    # Issue 11: a few virtual minutes, to keep `python -m bench cost` working (its full
+    # run is in docs/benchmarks.md).
+    import trio
+    import trio.testing
+
+    from bench import cost
+
+    out = trio.run(cost.measure, 0.05, 30.0, 30.0, clock=trio.testing.MockClock(autojump_threshold=0))
+    pushed, polled = out["rows"]
+    assert pushed["joins_seen"] == pushed["joins"] >= 5
+    assert pushed["join_latency_s_max"] < 1.0 < polled["join_latency_s_mean"]
+    assert pushed["calls_by_method_per_month"].get("getProgramAccounts", 0) == 0  # no recount due yet
+    assert polled["rpc_credits_per_month"] > 2_000_000

@@ -107,3 +107,18 @@ def test_demo_serves_then_exits_0_on_signal(tmp_path, sig):
     stderr = log.read_text()
     assert "Traceback" not in stderr
     assert '"msg": "stopped"' in stderr
+
+
+def test_check_config_says_what_it_costs_and_which_limit_it_exceeds(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text("[upstream]\nmax_requests_per_second = 50\n")
+    assert main(["check-config", "--config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("# cost: ~") and "credits/month" in last and "price requests/month" in last
+    assert "exceeds Helius Free: upstream.max_requests_per_second 50 > 10 req/s" in last
+    assert err.count("\n") == 1 and err.startswith("edgestate: warning: cost:")
+    path.write_text("")
+    assert main(["check-config", "--config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "within Helius Free" in out and err == ""

@@ -16,7 +16,7 @@ def write(tmp_path, text):
 def test_defaults_are_the_seeds():
     cfg = config.load(None, environ={})
     assert cfg.upstream.max_connections == 10
-    assert cfg.upstream.max_requests_per_second == 100
+    assert cfg.upstream.max_requests_per_second == 10  # Helius Free (issue 11)
     assert cfg.upstream.request_timeout == 30.0
     assert cfg.upstream.batch_window_ms == 100
     assert cfg.state.polling_interval == 30.0
@@ -161,3 +161,65 @@ def test_lookup_bound_keys_are_validated(section, key, value, needle):
 
 def test_lookup_share_may_be_turned_off():
     assert config.from_dict({"api": {"lookup_per_client_rps": 0}}, environ={}).api.lookup_per_client_rps == 0
+
+
+# ---- issue 11: cluster checks, plans, the price key's plan ---------------------------------
+
+
+def test_mainnet_with_devnet_defaults_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        config.from_dict({"upstream": {"cluster": "mainnet-beta"}}, environ={})
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3 and all("mainnet-beta" in line for line in lines)
+    assert any("token.mint" in line for line in lines) and any("lottery.pot_account" in line for line in lines)
+    from solders.pubkey import Pubkey
+
+    own = {k: str(Pubkey.new_unique()) for k in ("mint", "pot", "program")}
+    cfg = config.from_dict({"upstream": {"cluster": "mainnet-beta"}, "token": {"mint": own["mint"]},
+                            "lottery": {"pot_account": own["pot"], "program_id": own["program"]}}, environ={})
+    assert cfg.upstream.rpc_urls == ("https://api.mainnet-beta.solana.com",)
+
+
+def test_testnet_with_only_a_helius_key_is_a_config_error():
+    # Helius has no testnet: the key used to select its devnet endpoint silently.
+    with pytest.raises(ConfigError, match="Helius has no testnet"):
+        config.from_dict({"upstream": {"cluster": "testnet"}}, environ={"HELIUS_API_KEY": "k"})
+    ok = config.from_dict({"upstream": {"cluster": "testnet", "rpc_url": "https://api.testnet.solana.com"}},
+                          environ={"HELIUS_API_KEY": "k"})
+    assert ok.upstream.rpc_urls == ("https://api.testnet.solana.com",)
+
+
+def test_jupiter_key_raises_the_price_limit_to_its_plan_unless_configured():
+    assert config.from_dict({}, environ={}).price.max_requests_per_second == 0.5
+    assert config.from_dict({}, environ={"JUPITER_API_KEY": "k"}).price.max_requests_per_second == 1.0
+    explicit = config.from_dict({"price": {"max_requests_per_second": 0.2}}, environ={"JUPITER_API_KEY": "k"})
+    assert explicit.price.max_requests_per_second == 0.2
+
+
+def test_new_upstream_keys_are_validated():
+    with pytest.raises(ConfigError, match="upstream.plan"):
+        config.from_dict({"upstream": {"plan": "helius-gold"}}, environ={})
+    with pytest.raises(ConfigError, match="method_rate_limits.getProgramAccounts"):
+        config.from_dict({"upstream": {"method_rate_limits": {"getProgramAccounts": 0}}}, environ={})
+    with pytest.raises(ConfigError, match="max_batch_bytes"):
+        config.from_dict({"upstream": {"max_batch_bytes": 100}}, environ={})
+    cfg = config.from_dict({"state": {"participants_reconcile_interval": 300}}, environ={})
+    assert cfg.state.participants_reconcile_interval == 300.0
+
+
+def test_default_forecast_fits_a_twentieth_of_helius_free():
+    from edgestate.upstream.costs import cost_line, forecast
+
+    cfg = config.from_dict({}, environ={})
+    f = forecast(cfg)
+    assert f.credits_pushed <= 50_000 and not f.exceeded
+    assert f.price_requests == 0.5 * 30 * 86400
+    assert "within Helius Free" in cost_line(cfg)
+    # Today's polling design: getProgramAccounts every 10 s is 2,592,000 credits a month.
+    assert f.credits_polling >= 2_592_000
+    loud = config.from_dict({"upstream": {"max_requests_per_second": 100, "method_rate_limits": {}},
+                             "state": {"participants_reconcile_interval": 10}}, environ={})
+    line = cost_line(loud)
+    assert "exceeds Helius Free" in line and "max_requests_per_second 100 > 10" in line
+    assert "getProgramAccounts 100/s > 5/s" in line and "credits/month > 1,000,000" in line
+    assert "\n" not in line

@@ -11,6 +11,8 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgestate.config import UpstreamConfig
 from edgestate.errors import Overloaded, RpcError, UpstreamError, UpstreamTimeout
@@ -433,12 +435,165 @@ async def test_stats_shape(autojump_clock: Any, pool: Pool, provider: Provider) 
     json.dumps(s)
 
 
-async def test_program_accounts_cost_ten(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+async def test_credits_and_request_rate_are_separate_budgets(
+    autojump_clock: Any, nursery: trio.Nursery, provider: Provider
+) -> None:
+    # Issue 11: the per-second bucket used to take 10 tokens for a getProgramAccounts
+    # (its credits); providers count it as one request, and bill 10 credits a month.
     limiter = RateLimiter(1e6)
     pool = Pool(make_cfg(), limiter, transport=httpx.MockTransport(provider))
     await nursery.start(pool.run)
     await gather(lambda: pool.execute("getProgramAccounts", ["x"]), lambda: pool.execute("getSlot"))
-    assert limiter.stats()["granted_cost"] == 11
+    assert limiter.stats()["granted_cost"] == 2  # two requests
+    assert pool.credits.total() == 11  # ten credits + one
+    stats = pool.stats()
+    assert stats["credits"]["by_provider"][stats["endpoints"][0]["url"]]["total"] == 11
+    assert stats["endpoints"][0]["credits_total"] == 11
+
+
+async def test_get_program_accounts_has_its_own_per_second_limit(
+    autojump_clock: Any, nursery: trio.Nursery, provider: Provider
+) -> None:
+    # Helius Free: 10 req/s overall, getProgramAccounts 5/s (the defaults).
+    pool = Pool(make_cfg(max_requests_per_second=10.0), RateLimiter(10.0), transport=httpx.MockTransport(provider))
+    await nursery.start(pool.run)
+    t0 = trio.current_time()
+    await gather(*[lambda i=i: pool.execute("getProgramAccounts", [str(i)]) for i in range(15)])
+    # 5 at once (the burst), then 5 a second: the last 5 leave after 2 s.
+    assert trio.current_time() - t0 >= 2.0
+    assert pool.stats()["method_rate_limiters"]["getProgramAccounts"]["granted_cost"] == 15
+
+
+def test_defaults_fit_helius_free() -> None:
+    cfg = UpstreamConfig()
+    assert cfg.max_requests_per_second == 10 and cfg.method_rate_limits == {"getProgramAccounts": 5}
+    assert cfg.credits_per_month == 1_000_000 and cfg.max_batch_bytes == 45 * 1024
+
+
+# ---- size-aware batching, refusals ------------------------------------------------------
+
+
+async def test_batches_stay_under_the_byte_limit(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+    # 1,000 distinct balance reads: ten getMultipleAccounts of 100 keys are ~48 KB as one body.
+    pool = await start(nursery, provider, max_batch_bytes=20_000)
+    keys = _keys(1000)
+    await gather(*[lambda k=k: pool.execute("getBalance", [k]) for k in keys])
+    sizes = [len(json.dumps(b, separators=(",", ":"))) for _, b in provider.requests]
+    assert len(sizes) >= 3 and max(sizes) <= 20_000
+    assert sum(len(b) for _, b in provider.requests if isinstance(b, list)) == 10
+    assert pool.stats()["largest_body_bytes"] <= 20_000
+
+
+async def test_413_splits_the_batch_and_retries_the_halves(
+    autojump_clock: Any, nursery: trio.Nursery, provider: Provider
+) -> None:
+    limit = 3000
+
+    def too_big(request: httpx.Request, body: Any) -> httpx.Response | None:
+        provider.script.append(too_big)  # keep judging every request
+        return httpx.Response(413, text="Payload Too Large") if len(request.content) > limit else None
+
+    provider.script.append(too_big)
+    pool = await start(nursery, provider, max_batch_bytes=46080)
+    got = await gather(*[lambda i=i: pool.execute("getSlot", [{"minContextSlot": i, "pad": "x" * 40}]) for i in range(80)])
+    assert [g["echo"][1][0]["minContextSlot"] for g in got] == list(range(80))  # every call answered
+    assert pool.stats()["split_413"] >= 2
+    assert all(len(json.dumps(b)) for _, b in provider.requests)
+
+
+async def test_a_single_call_over_the_limit_fails_alone(autojump_clock: Any, nursery: trio.Nursery, provider: Provider) -> None:
+    provider.script.append(lambda request, body: httpx.Response(413))
+    pool = await start(nursery, provider)
+    with pytest.raises(UpstreamError, match="413"):
+        await pool.execute("getSlot", [{"pad": "x" * 100}])
+
+
+async def test_batch_refused_as_a_whole_is_retried_call_by_call(
+    autojump_clock: Any, nursery: trio.Nursery, provider: Provider, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(request: httpx.Request, body: Any) -> httpx.Response | None:
+        provider.script.append(refuse)
+        if isinstance(body, list):
+            return httpx.Response(200, json={"jsonrpc": "2.0", "id": None,
+                                             "error": {"code": -32600, "message": "Batch requests are not supported"}})
+        return None
+
+    provider.script.append(refuse)
+    pool = await start(nursery, provider)
+    got = await gather(*[lambda i=i: pool.execute("getSlot", [i]) for i in range(5)])
+    assert [g["echo"][1] for g in got] == [[i] for i in range(5)]
+    stats = pool.stats()
+    assert stats["batch_refusals"] == 1 and stats["endpoints"][0]["refuses_batches"] is True
+    assert stats["batch_refusing_endpoints"] == [stats["endpoints"][0]["url"]]
+    assert "one by one" in caplog.text
+    # Remembered: the next window goes out call by call at once, no refused batch first.
+    n = len(provider.requests)
+    await gather(*[lambda i=i: pool.execute("getSlot", [10 + i]) for i in range(3)])
+    assert [isinstance(b, list) for _, b in provider.requests[n:]] == [False] * 3
+    assert pool.stats()["batch_refusals"] == 1
+
+
+# ---- failover on blocked keys and lagging nodes -------------------------------------------
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_failover_on_a_refused_key(
+    autojump_clock: Any, nursery: trio.Nursery, provider: Provider, status: int
+) -> None:
+    def blocked(request: httpx.Request, body: Any) -> httpx.Response | None:
+        provider.script.append(blocked)
+        if request.url.host == "rpc.example.com":
+            return httpx.Response(status, json={"jsonrpc": "2.0", "id": None, "error": {"code": status, "message": "no"}})
+        return None
+
+    provider.script.append(blocked)
+    pool = await start(nursery, provider, rpc_url=(URL, URL2))
+    assert (await pool.execute("getSlot", [1]))["echo"] == ["getSlot", [1]]
+    ep = pool.stats()["endpoints"]
+    assert ep[0]["healthy"] is False and f"HTTP {status}" in ep[0]["down_reason"]
+    assert pool.stats()["failovers"] == {f"HTTP {status}": 1}
+    n = len(provider.requests)
+    await pool.execute("getSlot", [2])
+    assert [u for u, _ in provider.requests[n:]] == [URL2]  # down at once, not after three tries
+
+
+@pytest.mark.parametrize("whole", [True, False])
+async def test_failover_when_the_node_is_behind(
+    autojump_clock: Any, nursery: trio.Nursery, provider: Provider, whole: bool
+) -> None:
+    behind = {"code": -32005, "message": "Node is behind by 120 slots", "data": {"numSlotsBehind": 120}}
+
+    def lagging(request: httpx.Request, body: Any) -> httpx.Response | None:
+        provider.script.append(lagging)
+        if request.url.host != "rpc.example.com":
+            return None
+        if whole:
+            return httpx.Response(200, json={"jsonrpc": "2.0", "id": None, "error": behind})
+        items = body if isinstance(body, list) else [body]
+        out = [{"jsonrpc": "2.0", "id": i["id"], "error": behind} for i in items]
+        return httpx.Response(200, json=out if isinstance(body, list) else out[0])
+
+    provider.script.append(lagging)
+    pool = await start(nursery, provider, rpc_url=(URL, URL2))
+    got = await gather(lambda: pool.execute("getSlot", [1]), lambda: pool.execute("getSlot", [2]))
+    assert [g["echo"] for g in got] == [["getSlot", [1]], ["getSlot", [2]]]
+    ep = pool.stats()["endpoints"][0]
+    assert ep["healthy"] is False and "node behind" in ep["down_reason"] and "-32005" in ep["down_reason"]
+
+
+async def test_node_behind_with_no_other_endpoint_is_an_error_after_retries(
+    autojump_clock: Any, nursery: trio.Nursery, provider: Provider
+) -> None:
+    def lagging(request: httpx.Request, body: Any) -> httpx.Response:
+        provider.script.append(lagging)
+        return httpx.Response(200, json={"jsonrpc": "2.0", "id": body["id"],
+                                         "error": {"code": -32005, "message": "Node is unhealthy"}})
+
+    provider.script.append(lagging)
+    pool = await start(nursery, provider, max_retries=2)
+    with pytest.raises(UpstreamError, match="-32005"):
+        await pool.execute("getSlot")
+    assert len(provider.requests) == 3
 
 
 async def test_unserializable_params_fail_only_that_caller(autojump_clock: Any, pool: Pool, provider: Provider) -> None:
@@ -539,3 +694,25 @@ async def test_429_storm_never_exceeds_our_limit_and_settles(
     # The adaptive limiter backed off: far fewer 429s than calls.
     assert limiter.stats()["penalties"] >= 1
     assert throttled < 60, throttled
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.sampled_from(["getSlot", "getProgramAccounts"]), st.integers(0, 3000)), max_size=60),
+    max_items=st.integers(1, 20),
+    max_bytes=st.integers(1024, 20_000),
+)
+def test_pack_respects_every_cap_and_keeps_every_call(
+    sizes: list[tuple[str, int]], max_items: int, max_bytes: int
+) -> None:
+    from edgestate.upstream.batching import Wire, pack
+
+    wires = [Wire(method, [{"pad": "x" * n}]) for method, n in sizes]
+    batches = pack(wires, max_items=max_items, max_bytes=max_bytes, per_method={"getProgramAccounts": 3})
+    assert [w for b in batches for w in b] == wires  # nothing lost, order kept
+    for batch in batches:
+        assert 1 <= len(batch) <= max_items
+        assert sum(w.method == "getProgramAccounts" for w in batch) <= 3
+        body = json.dumps([{"jsonrpc": "2.0", "id": 10**12 - 1, "method": w.method, "params": w.params} for w in batch],
+                          separators=(",", ":"))
+        assert len(batch) == 1 or len(body) <= max_bytes  # only a lone oversized call may exceed it

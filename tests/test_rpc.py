@@ -182,7 +182,7 @@ async def test_count_program_accounts(autojump_clock: Any, rpc: SolanaRpc, chain
             "withContext": True,
         },
     ]
-    chain.override = lambda item: [{"pubkey": key()}] * 3  # a provider ignoring withContext
+    chain.override = lambda item: [{"pubkey": key()} for _ in range(3)]  # a provider ignoring withContext
     assert (await rpc.count_program_accounts(program, [], cached=False)).value == 3
 
 
@@ -228,7 +228,9 @@ async def test_malformed_replies_raise_upstream_error(
 
 def add_mint(chain: Chain, program: str, decimals: int, extra: int = 0) -> str:
     mint = key()
-    data = bytes(Mint(None, 10**12, decimals, True, None)) + b"\x00" * extra  # Token-2022 may be longer
+    data = bytes(Mint(None, 10**12, decimals, True, None))
+    if extra:  # Token-2022 with extensions: padding to 165, account type 1 (mint), TLV space
+        data += b"\x00" * 83 + b"\x01" + b"\x00" * extra
     chain.accounts[mint] = (1_461_600, program, data)
     return mint
 
@@ -266,7 +268,7 @@ async def test_token_balances_bad_mint(autojump_clock: Any, rpc: SolanaRpc, chai
         await rpc.get_token_balances([key()], key())
     not_mint = key()
     chain.accounts[not_mint] = (1, SYSTEM, b"\x00" * 82)
-    with pytest.raises(InvalidMint, match="not an initialized"):
+    with pytest.raises(InvalidMint, match="not an SPL Token or Token-2022 mint"):
         await rpc.get_token_balances([key()], not_mint)
     assert issubclass(InvalidMint, ValueError)
 
@@ -274,10 +276,10 @@ async def test_token_balances_bad_mint(autojump_clock: Any, rpc: SolanaRpc, chai
 # ---- over real HTTP against the simulator -----------------------------------------------
 
 
-async def sim_rpc(nursery: trio.Nursery, **upstream: Any) -> tuple[Any, SolanaRpc]:
+async def sim_rpc(nursery: trio.Nursery, clock: Any = None, **upstream: Any) -> tuple[Any, SolanaRpc]:
     from edgestate.sim import World, serve_simulator
 
-    world = World.from_config(Config())
+    world = World.from_config(Config(), clock=clock)
     url = await nursery.start(serve_simulator, world)
     cfg = UpstreamConfig(rpc_url=(url + "/",), request_timeout=10.0, **upstream)
     pool = Pool(cfg, RateLimiter(1e6))
@@ -324,3 +326,73 @@ async def test_sim_token_balances(nursery: trio.Nursery) -> None:
         got = await rpc.get_token_balances(wallets, world.token_mint)
         assert got[wallets[3]] == 2.5 and sum(got.values()) == 2.5
         assert world.counters()["rpc_methods"] == {"getAccountInfo": 1, "getMultipleAccounts": 2}
+
+
+# ---- issue 11: exact Token-2022 balances, owner bytes, size-aware batches ------------------
+
+
+async def _sim_ui_amount(world: Any, ata: str) -> Any:
+    from edgestate.sim.app import METHODS
+
+    return METHODS["getTokenAccountBalance"](world, [ata])["value"]["uiAmount"]
+
+
+async def test_sim_token_2022_ui_amounts_with_interest_and_scaling(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        # The chain's clock stands still: interest accrues per second, and the RPC's answer
+        # and the expected one below must be computed at the same second.
+        frozen = trio.current_time()
+        world, rpc = await sim_rpc(nursery, clock=lambda: frozen)
+        now = world.unix_timestamp()
+        year = 31_556_736
+        interest_mint, scaled_mint = key(), key()
+        world.add_mint(interest_mint, 6, "token-2022", interest_bearing={
+            "initialization_timestamp": now - 2 * year, "pre_update_average_rate": 300,
+            "last_update_timestamp": now - year, "current_rate": 500})
+        world.add_mint(scaled_mint, 2, "token-2022", scaled_ui_amount={
+            "multiplier": 1.5, "new_multiplier_effective_timestamp": now - 10, "new_multiplier": 2.25})
+        wallets = [key() for _ in range(3)]
+        for mint in (interest_mint, scaled_mint):
+            atas = [world.set_token_balance(w, mint, 1_000_001 * (i + 1)) for i, w in enumerate(wallets)]
+            got = await rpc.get_token_balances(wallets, mint)
+            want = [await _sim_ui_amount(world, a) for a in atas]
+            assert [got[w] for w in wallets] == want  # the RPC's own uiAmount, to the bit
+            plain = [1_000_001 * (i + 1) / 10 ** (6 if mint == interest_mint else 2) for i in range(3)]
+            assert want != plain  # the extensions really change it
+        # The mint was read once for each; the clock rode along with the token accounts.
+        methods = world.counters()["rpc_methods"]
+        assert methods == {"getAccountInfo": 2, "getMultipleAccounts": 2}
+
+
+async def test_a_token_account_of_another_owner_counts_as_none(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        world, rpc = await sim_rpc(nursery)
+        wallet, thief = key(), key()
+        ata = world.set_token_balance(wallet, world.token_mint, 5_000_000)
+        # Same address, but the token account's owner field names someone else.
+        data = bytearray(world.accounts[ata].data)
+        data[32:64] = bytes(Pubkey.from_string(thief))
+        world.set_account(ata, 2_039_280, world.accounts[ata].owner, bytes(data))
+        assert (await rpc.get_token_balances([wallet], world.token_mint)) == {wallet: 0.0}
+
+
+async def test_a_token_account_is_not_accepted_as_a_mint(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        world, rpc = await sim_rpc(nursery)
+        owner = Pubkey(bytes([9] * 13 + [1] + [9] * 18))  # byte 45 of the account is 1
+        ata = world.set_token_balance(str(owner), world.token_mint, 1)
+        with pytest.raises(InvalidMint, match="not an SPL Token or Token-2022 mint"):
+            await rpc.get_token_balances([key()], ata)
+
+
+async def test_sim_1100_wallets_fit_under_agaves_body_limit(nursery: trio.Nursery) -> None:
+    # Eleven getMultipleAccounts of 100 keys are ~53 KB as one batch; the simulator refuses
+    # bodies over 50 KiB as agave does. Packed under 45 KiB, every call succeeds.
+    with trio.fail_after(10):
+        world, rpc = await sim_rpc(nursery, max_batch_size=100, max_requests_per_second=1e6)
+        wallets = [key() for _ in range(1100)]
+        world.set_token_balance(wallets[500], world.token_mint, 7_000_000)
+        got = await rpc.get_token_balances(wallets, world.token_mint)
+        assert got[wallets[500]] == 7.0 and len(got) == 1100
+        assert world.counters()["http_413"] == 0
+        assert rpc.pool.stats()["largest_body_bytes"] <= 46080

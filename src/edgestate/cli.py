@@ -97,11 +97,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgestate: config error: {exc}", file=sys.stderr)
         return 2
 
+    from .upstream.costs import cost_line, forecast
+
     if args.command == "check-config":
         sys.stdout.write(config.to_toml(cfg))
+        # What it costs a month, as a TOML comment (the output stays valid TOML).
+        sys.stdout.write(f"# {cost_line(cfg)}\n")
+        if forecast(cfg).exceeded and not cfg.upstream.parent:
+            print(f"edgestate: warning: {cost_line(cfg)}", file=sys.stderr)
         return 0
 
     logs.setup(cfg.log)
+    if args.command == "serve" and args.worker_id is None:
+        exceeded = bool(forecast(cfg).exceeded) and not cfg.upstream.parent
+        log.log(logging.WARNING if exceeded else logging.INFO, "%s", cost_line(cfg))
     try:
         if args.command == "serve" and args.worker_id is not None:
             from .workers import run_member

@@ -29,9 +29,44 @@ _CLUSTERS = {
 }
 _HELIUS = {
     "devnet": "https://devnet.helius-rpc.com/?api-key={key}",
-    "testnet": "https://devnet.helius-rpc.com/?api-key={key}",  # Helius has no testnet
     "mainnet-beta": "https://mainnet.helius-rpc.com/?api-key={key}",
-}
+}  # Helius has no testnet: cluster = "testnet" with only HELIUS_API_KEY is a config error
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderPlan:
+    """The limits of one provider plan that a configuration is checked against.
+
+    ``credits_per_month`` 0 means unmetered; ``method_rps`` holds the per-method
+    per-second limits on top of ``rps``.
+    """
+
+    label: str
+    rps: float
+    method_rps: Mapping[str, float]
+    credits_per_month: float
+    ws_connections: int
+
+
+# Published limits (helius.dev/docs/billing/rate-limits and pricing; solana.com public RPC
+# endpoints), 2026. ``upstream.plan`` picks one; "custom" compares nothing.
+PROVIDER_PLANS: Mapping[str, ProviderPlan | None] = types.MappingProxyType({
+    "helius-free": ProviderPlan("Helius Free", 10, {"getProgramAccounts": 5}, 1_000_000, 5),
+    "helius-developer": ProviderPlan("Helius Developer", 50, {"getProgramAccounts": 25}, 10_000_000, 150),
+    "helius-business": ProviderPlan("Helius Business", 200, {"getProgramAccounts": 50}, 100_000_000, 250),
+    "helius-professional": ProviderPlan("Helius Professional", 500, {"getProgramAccounts": 75}, 200_000_000, 250),
+    # 100 requests / 10 s per IP, 40 / 10 s per method, 40 connections; not metered.
+    "solana-public": ProviderPlan("Solana public RPC", 10, {"getProgramAccounts": 4}, 0, 40),
+    "custom": None,
+})
+# Jupiter Price API v3, per account: without a key 0.5 req/s, a free key 1 req/s.
+JUPITER_KEYLESS_RPS = 0.5
+JUPITER_KEY_RPS = 1.0
+
+# The shipped defaults point at devnet; on mainnet-beta they name nothing of the user's.
+DEVNET_DEFAULT_MINT = "4zMMC9srt5Ri5X14GAgXhaHii3GnPAEERYPJgZJDncDU"
+PLACEHOLDER_POT = "Lotto1Pot1111111111111111111111111111111111"
+PLACEHOLDER_PROGRAM = "Lotto1Program111111111111111111111111111111"
 
 # Query parameters and userinfo that hold credentials in provider URLs.
 _SECRET_PARAMS = re.compile(r"(api[-_]?key|key|token|secret|auth|password)", re.I)
@@ -87,13 +122,21 @@ class UpstreamConfig:
     ws_url: str = ""
     commitment: str = "confirmed"
     max_connections: int = 10
-    max_requests_per_second: float = 100.0
+    # Requests per second towards the provider (each JSON-RPC call, batch items included):
+    # Helius Free allows 10. Credits are a separate, monthly budget (credits_per_month).
+    max_requests_per_second: float = 10.0
+    # Per-method requests per second on top of the above (Helius Free: getProgramAccounts 5/s).
+    method_rate_limits: Mapping[str, float] = field(
+        default_factory=lambda: types.MappingProxyType({"getProgramAccounts": 5.0})
+    )
     method_costs: Mapping[str, int] = field(
         default_factory=lambda: types.MappingProxyType({"getProgramAccounts": 10})
     )
     request_timeout: float = 30.0
     batch_window_ms: float = 100.0
     max_batch_size: int = 100
+    # A batch's JSON body stays under this (agave refuses bodies over 50 KiB with HTTP 413).
+    max_batch_bytes: int = 46080
     max_queue: int = 10000
     max_retries: int = 3
     # Largest JSON-RPC reply body read (bytes); a longer one is aborted (UpstreamError).
@@ -101,8 +144,11 @@ class UpstreamConfig:
     # Feed mode: take the state from a parent edgestate (its /ws, http(s) or ws(s) URL)
     # instead of the providers; more than one = fallback order. Empty = talk to providers.
     parent: tuple[str, ...] = ()
-    # Provider credit budget per 30 days; 0 = no budget. Over it, polling slows down.
-    credits_per_month: float = 0.0
+    # Provider credit budget per 30 days (Helius Free: 1M); 0 = no budget. Over it, the
+    # fallback polling slows down (never the price: the price API costs no RPC credits).
+    credits_per_month: float = 1_000_000.0
+    # The provider plan serve/check-config compare this configuration with (PROVIDER_PLANS).
+    plan: str = "helius-free"
     # The most the budget may stretch the polling intervals (x configured).
     max_interval_scale: float = 10.0
     # From $HELIUS_API_KEY; only used to build the default rpc_url. Never printed.
@@ -113,7 +159,7 @@ class UpstreamConfig:
         """The effective RPC endpoints, in failover order."""
         if self.rpc_url:
             return self.rpc_url
-        if self.helius_api_key:
+        if self.helius_api_key and self.cluster in _HELIUS:
             return (_HELIUS[self.cluster].format(key=self.helius_api_key),)
         return (_CLUSTERS[self.cluster],)
 
@@ -143,13 +189,17 @@ class StateConfig:
     polling_interval: float = 30.0
     price_interval: float = 2.0
     participants_interval: float = 10.0
+    # With PubSub up participants are pushed (programSubscribe); closed accounts are not
+    # notified, so a full recount runs at every (re)subscribe and this often.
+    participants_reconcile_interval: float = 600.0
     max_staleness: float = 90.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PriceConfig:
     url: str = "https://api.jup.ag/price/v3"
-    max_requests_per_second: float = 0.5
+    # Jupiter keyless: 0.5/s; with JUPITER_API_KEY set and this key not configured: 1/s.
+    max_requests_per_second: float = JUPITER_KEYLESS_RPS
     # Distinct mints waiting for a price request; beyond it user lookups get 503.
     max_pending_mints: int = 500
     # From $JUPITER_API_KEY, sent as x-api-key. Never printed.
@@ -159,13 +209,13 @@ class PriceConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TokenConfig:
     # Devnet USDC: a real devnet mint so the defaults point at something that exists.
-    mint: str = "4zMMC9srt5Ri5X14GAgXhaHii3GnPAEERYPJgZJDncDU"
+    mint: str = DEVNET_DEFAULT_MINT
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LotteryConfig:
-    pot_account: str = "Lotto1Pot1111111111111111111111111111111111"
-    program_id: str = "Lotto1Program111111111111111111111111111111"
+    pot_account: str = PLACEHOLDER_POT
+    program_id: str = PLACEHOLDER_PROGRAM
     participant_filters: tuple[Mapping[str, Any], ...] = ()
 
 
@@ -228,6 +278,7 @@ _CHOICES = {
     ("upstream", "commitment"): ("processed", "confirmed", "finalized"),
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("log", "format"): ("text", "json"),
+    ("upstream", "plan"): tuple(PROVIDER_PLANS),
 }
 _MIN_RESPONSE_BYTES = 65536  # below this even a getHealth or a small batch could not be read
 
@@ -364,6 +415,13 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: must be >= {_MIN_RESPONSE_BYTES} (64 KiB), got {value!r}")
     if (section, key) == ("server", "max_header_bytes") and value < 1024:
         raise ConfigError(f"{where}: must be at least 1024 bytes, got {value}")
+    if (section, key) in (("upstream", "method_rate_limits"), ("upstream", "method_costs")):
+        zero_ok = key == "method_costs"  # a free method costs 0 credits; a rate of 0 would block it
+        for method, limit in value.items():
+            if limit < 0 or (limit == 0 and not zero_ok):
+                raise ConfigError(f"{where}.{method}: must be {'>= 0' if zero_ok else '> 0'}, got {limit!r}")
+    if (section, key) == ("upstream", "max_batch_bytes") and value < 1024:
+        raise ConfigError(f"{where}: at least 1024 bytes, got {value}")
     if (section, key) == ("upstream", "max_batch_size") and value > 100:
         raise ConfigError(f"{where}: at most 100 calls per batch, got {value}")
     if (section, key) == ("lottery", "participant_filters"):
@@ -413,6 +471,8 @@ def from_dict(raw: Mapping[str, Any], *, source: str = "(defaults)", environ: Ma
         merged["upstream"]["helius_api_key"] = (environ["HELIUS_API_KEY"], "environment HELIUS_API_KEY")
     if environ.get("JUPITER_API_KEY"):
         merged["price"]["api_key"] = (environ["JUPITER_API_KEY"], "environment JUPITER_API_KEY")
+        # A key's plan allows more than keyless access, unless the limit is configured.
+        merged["price"].setdefault("max_requests_per_second", (JUPITER_KEY_RPS, "environment JUPITER_API_KEY"))
 
     sections: dict[str, Any] = {}
     for section, values in merged.items():
@@ -423,7 +483,35 @@ def from_dict(raw: Mapping[str, Any], *, source: str = "(defaults)", environ: Ma
             _validate(section, key, value, where)
             kwargs[key] = value
         sections[section] = _SECTIONS[section](**kwargs)
-    return Config(**sections, source=source)
+    cfg = Config(**sections, source=source)
+    _check_cluster(cfg, merged)
+    return cfg
+
+
+def _check_cluster(cfg: Config, merged: Mapping[str, Mapping[str, tuple[Any, str]]]) -> None:
+    """Checks across keys: what only makes sense on one cluster.
+
+    Raises:
+        ConfigError: every problem found, one per line.
+    """
+    problems = []
+    up = cfg.upstream
+    if up.cluster == "testnet" and not up.rpc_url and not up.parent and up.helius_api_key:
+        problems.append(
+            "upstream.cluster = \"testnet\" with only HELIUS_API_KEY: Helius has no testnet endpoint; "
+            "set upstream.rpc_url to a testnet RPC URL (e.g. https://api.testnet.solana.com)"
+        )
+    if up.cluster == "mainnet-beta":
+        for section, key, default, what in (
+            ("token", "mint", DEVNET_DEFAULT_MINT, "the devnet USDC mint"),
+            ("lottery", "pot_account", PLACEHOLDER_POT, "a placeholder"),
+            ("lottery", "program_id", PLACEHOLDER_PROGRAM, "a placeholder"),
+        ):
+            if getattr(getattr(cfg, section), key) == default:
+                where = merged[section][key][1] if key in merged[section] else f"{cfg.source}: {section}.{key}"
+                problems.append(f"{where}: the default ({what}) is not an account of mainnet-beta; set yours")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:

@@ -8,7 +8,8 @@ anything that goes wrong there costs that connection only.
 
 Internals used: ``hypercorn.trio.lifespan.Lifespan``, ``hypercorn.trio.tcp_server.TCPServer``,
 ``hypercorn.trio.worker_context.WorkerContext`` (``terminated``), ``hypercorn.utils.wrap_app``,
-``hypercorn.typing.ConnectionState``.
+``hypercorn.typing.ConnectionState``; for the simulator's idle timer,
+``hypercorn.protocol.ws_stream.WSStream._accept`` and its ``connection``/``client``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+from collections.abc import Callable, Generator
 from typing import Any
 
 import hypercorn.config
@@ -119,3 +121,48 @@ class HypercornBridge:
     def stop(self) -> None:
         """End the lifespan (after the connections drained)."""
         self._stop.set()
+
+
+class _PingSpy:
+    """A wsproto Connection that reports the Ping events it hands out."""
+
+    def __init__(self, inner: Any, client: tuple[Any, ...], report: Callable[[tuple[Any, ...]], None]) -> None:
+        self._inner = inner
+        self._client = client
+        self._report = report
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def events(self) -> Generator[Any, None, None]:
+        from wsproto.events import Ping
+
+        for event in self._inner.events():
+            if isinstance(event, Ping):
+                self._report(self._client)
+            yield event
+
+
+def report_websocket_pings(report: Callable[[tuple[Any, ...]], None]) -> bool:
+    """Call ``report(client_address)`` for each WebSocket ping Hypercorn answers itself.
+
+    ASGI does not show pings to the app; the simulator needs them (a provider's idle
+    timer counts them). Patches Hypercorn's WebSocket stream class for the process;
+    False when this Hypercorn's internals differ (nothing patched).
+    """
+    try:
+        from hypercorn.protocol.ws_stream import WSStream
+
+        original = WSStream._accept
+    except (ImportError, AttributeError):
+        return False
+
+    async def _accept(self: Any, message: Any) -> None:
+        await original(self, message)
+        connection = getattr(self, "connection", None)
+        client = tuple(self.client) if getattr(self, "client", None) else None
+        if connection is not None and client is not None and not isinstance(connection, _PingSpy):
+            self.connection = _PingSpy(connection, client, report)
+
+    WSStream._accept = _accept  # type: ignore[method-assign]
+    return True

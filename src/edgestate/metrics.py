@@ -30,7 +30,10 @@ def collect(services: Services) -> dict[str, Any]:
     # Feed mode (a child): no pool and no refresher; the parent is the only upstream.
     pool = services.pool.stats() if services.pool is not None else {"mode": "feed"}
     limiter = services.limiter.stats()
-    credits_per_s = services.limiter.observed_rate()
+    # Credits (monthly, per provider) are the pool's meter; the limiter counts requests.
+    credits_per_s = float(pool.get("credits_per_second", 0.0))
+    price_limiter = getattr(services.prices, "limiter", None)
+    price_rps = price_limiter.observed_rate() if price_limiter is not None else 0.0
     refresher = services.refresher.stats() if services.refresher is not None else {"mode": "feed", "pubsub": None}
     if services.refresher is not None:
         budget = services.refresher.budget_stats()
@@ -52,8 +55,14 @@ def collect(services: Services) -> dict[str, Any]:
         "upstream": {
             "endpoints": pool.get("endpoints", []),
             "calls_by_method": pool.get("calls_by_method", {}),
-            "credits_per_second": round(credits_per_s, 3),
+            "credits_per_second": round(credits_per_s, 6),
             "projected_monthly_credits": round(credits_per_s * SECONDS_PER_MONTH),
+            "projected_monthly_credits_by_provider": {
+                str(e["url"]): e.get("projected_monthly_credits", 0) for e in pool.get("endpoints", []) if isinstance(e, dict)
+            },
+            "requests_per_second": pool.get("requests_per_second", 0.0),
+            "price_requests_per_second": round(price_rps, 3),
+            "projected_monthly_price_requests": round(price_rps * SECONDS_PER_MONTH),
             "pubsub": refresher["pubsub"],
             "prices": services.prices.stats(),
             "budget": budget,

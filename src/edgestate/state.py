@@ -29,12 +29,17 @@ LAMPORTS_PER_SOL = 1_000_000_000
 
 @dataclass(frozen=True, slots=True)
 class FieldValue:
-    """One field of the state as last confirmed from upstream."""
+    """One field of the state as last confirmed from upstream.
+
+    ``value`` None with a ``missing`` reason: upstream answered, but has no value (a
+    price the price API does not know, a pot account that does not exist): not ready.
+    """
 
     value: Any
     slot: int  # slot the value was read at (0 when the source has none, e.g. prices)
     confirmed_at: float  # trio time of the last upstream confirmation (change or not)
     source: str  # "push" or "poll"
+    missing: str | None = None  # why there is no value, when upstream said so
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +98,18 @@ class SharedState:
         return self._fields[name]
 
     def stale_fields(self) -> list[str]:
-        """Fields never confirmed, or not confirmed within ``state.max_staleness``."""
+        """Fields without a value confirmed within ``state.max_staleness``.
+
+        That is: never confirmed, confirmed too long ago, or confirmed as having no value
+        (``missing``). A pushed value counts as confirmed while its subscription is alive
+        (:meth:`confirm`), however long ago it last changed.
+        """
         now = trio.current_time()
         limit = self._cfg.state.max_staleness
         return [
             name
             for name, fv in self._fields.items()
-            if fv is None or now - fv.confirmed_at > limit
+            if fv is None or fv.missing is not None or now - fv.confirmed_at > limit
         ]
 
     def ready(self) -> tuple[bool, str]:
@@ -107,11 +117,14 @@ class SharedState:
         stale = self.stale_fields()
         if not stale:
             return True, ""
-        never = [n for n in stale if self._fields[n] is None]
-        old = [n for n in stale if self._fields[n] is not None]
+        fields = {n: self._fields[n] for n in stale}
+        never = [n for n, fv in fields.items() if fv is None]
+        missing = [f"{n}: {fv.missing}" for n, fv in fields.items() if fv is not None and fv.missing is not None]
+        old = [n for n, fv in fields.items() if fv is not None and fv.missing is None]
         parts = []
         if never:
             parts.append(f"no upstream data yet for {', '.join(never)}")
+        parts.extend(missing)
         if old:
             parts.append(
                 f"{', '.join(old)} older than state.max_staleness ({self._cfg.state.max_staleness:g}s)"
@@ -119,6 +132,36 @@ class SharedState:
         return False, "; ".join(parts)
 
     # -- writing -----------------------------------------------------------------
+
+    def confirm(self, names: tuple[str, ...]) -> bool:
+        """The live subscription feeding these fields vouches for their values now.
+
+        The caller names only fields the subscription keeps current (read or pushed since
+        it started). A field known to have no value stays so. Returns True when a
+        snapshot was published (the stale flag flipped).
+        """
+        now = trio.current_time()
+        for name in names:
+            fv = self._fields[name]
+            if fv is not None and fv.missing is None:
+                self._fields[name] = FieldValue(fv.value, fv.slot, now, fv.source)
+        return self.refresh_staleness()
+
+    def mark_missing(self, name: str, reason: str, *, slot: int = 0, source: str = "poll") -> bool:
+        """Upstream answered that ``name`` has no value (``reason`` says why): not ready.
+
+        The field's value becomes None. Returns True when a snapshot was published.
+        """
+        if name not in self._fields:
+            raise KeyError(name)
+        held = self._fields[name]
+        changed = held is None or held.value is not None or held.missing != reason
+        self._fields[name] = FieldValue(None, max(slot, held.slot if held else 0), trio.current_time(), source,
+                                        missing=reason)
+        if changed:
+            self._publish()
+            return True
+        return self.refresh_staleness()
 
     def update(self, name: str, value: Any, *, slot: int = 0, source: str = "poll", force: bool = False) -> bool:
         """Record a value read from upstream; publish a snapshot if it changed.
@@ -249,7 +292,8 @@ class SharedState:
             fields[name] = (
                 None
                 if fv is None
-                else {"value": fv.value, "age_s": round(now - fv.confirmed_at, 3), "slot": fv.slot, "source": fv.source}
+                else {"value": fv.value, "age_s": round(now - fv.confirmed_at, 3), "slot": fv.slot, "source": fv.source,
+                      "missing": fv.missing}
             )
         ready, reason = self.ready()
         return {

@@ -10,7 +10,7 @@ import json
 import random
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,10 +36,12 @@ async def open_websocket(
     max_message_size: int,
     ping_interval: float,
     connect_timeout: float = 10.0,
+    on_pong: Callable[[], None] | None = None,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """Connect to ``url`` (ws:// or wss://) and keep the connection pinged.
 
-    A ping unanswered for ``ping_interval`` raises ``TooSlowError`` out of the block.
+    A ping unanswered for ``ping_interval`` raises ``TooSlowError`` out of the block;
+    ``on_pong()`` is called for each answered one (the connection is alive now).
     Leaving the block closes the TCP stream without a close handshake: sessions end on
     an error, on a server close (already answered) or at shutdown, when waiting on the
     handshake would only stall.
@@ -60,19 +62,23 @@ async def open_websocket(
                 nursery, stream, host, resource, message_queue_size=message_queue_size,
                 max_message_size=max_message_size,
             )
-        nursery.start_soon(_keepalive, conn, ping_interval)
+        nursery.start_soon(_keepalive, conn, ping_interval, on_pong)
         try:
             yield conn
         finally:
             nursery.cancel_scope.cancel()
 
 
-async def _keepalive(conn: trio_websocket.WebSocketConnection, interval: float) -> None:
+async def _keepalive(
+    conn: trio_websocket.WebSocketConnection, interval: float, on_pong: Callable[[], None] | None = None
+) -> None:
     # A peer that vanished without a FIN would otherwise look connected forever.
     while True:
         await trio.sleep(interval)
         with trio.fail_after(interval):
             await conn.ping()
+        if on_pong is not None:
+            on_pong()
 
 
 def backoff_delay(failures: int, base: float, cap: float) -> float:

@@ -17,14 +17,23 @@ from typing import Any
 import trio
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
+from solders.token.state import TokenAccount
 
+from . import pings
 from .world import FAULT_DEFAULTS, HANG_SECONDS, World, b58encode, parse_pubkey
 
 API_VERSION = "2.0.15"
 MAX_MULTIPLE_ACCOUNTS = 100
 MAX_FILTERS = 4
 MAX_PRICE_IDS = 50
+MAX_BASE58_BYTES = 128  # agave: larger account data cannot be sent as base58
+INVALID_REQUEST = -32600
+NODE_UNHEALTHY = -32005
 _RATE_LIMITED = {"jsonrpc": "2.0", "error": {"code": 429, "message": "Too many requests for a specific RPC call"}, "id": None}
+_BATCH_REFUSED = {"jsonrpc": "2.0", "error": {"code": INVALID_REQUEST, "message": "Batch requests are not supported"},
+                  "id": None}
+_FORBIDDEN = {"jsonrpc": "2.0", "error": {"code": 403, "message": "Forbidden: this key or address is not allowed"},
+              "id": None}
 
 
 class RpcFault(Exception):
@@ -80,30 +89,63 @@ def _context(world: World) -> dict[str, Any]:
     return {"slot": world.slot, "apiVersion": API_VERSION}
 
 
-def _encode_data(data: bytes, config: dict[str, Any]) -> list[str]:
-    encoding = config.get("encoding", "base64")
+def check_encoding(config: dict[str, Any], default: str = "binary") -> str:
+    """The encoding a config asks for (agave's default when none), validated.
+
+    Raises:
+        RpcFault: an unknown encoding, a bad dataSlice, or jsonParsed with a dataSlice
+            (agave answers -32600 for that).
+    """
+    encoding = config.get("encoding", default)
+    if encoding not in ("binary", "base58", "base64", "jsonParsed"):
+        raise _invalid(f"Invalid params: unsupported encoding {encoding!r} (use base64 or base58)")
     sl = config.get("dataSlice")
     if sl is not None:
         if not isinstance(sl, dict) or not all(
             isinstance(sl.get(k), int) and not isinstance(sl.get(k), bool) and sl[k] >= 0 for k in ("offset", "length")
         ):
             raise _invalid("Invalid params: dataSlice needs non-negative integers offset and length")
+        if encoding == "jsonParsed":
+            raise RpcFault(INVALID_REQUEST,
+                           "Sliced account data can only be encoded using binary (base 58) or base64 encoding.")
+    return str(encoding)
+
+
+def _encode_data(data: bytes, config: dict[str, Any], default: str = "binary", *, notification: bool = False) -> Any:
+    """Account data as agave encodes it: "binary" (the legacy default of getAccountInfo,
+    getProgramAccounts and the subscriptions) is a bare base58 string, "base58" and
+    "base64" are ``[data, encoding]``; base58 stops at 128 bytes (an RPC error, or an error
+    string inside a notification)."""
+    encoding = check_encoding(config, default)
+    sl = config.get("dataSlice")
+    if sl is not None:
         data = data[sl["offset"] : sl["offset"] + sl["length"]]
     if encoding in ("base64", "jsonParsed"):  # jsonParsed falls back to base64, as Solana does for unknown layouts
         return [base64.b64encode(data).decode(), "base64"]
-    if encoding == "base58":
-        return [b58encode(data), "base58"]
-    raise _invalid(f"Invalid params: unsupported encoding {encoding!r} (use base64 or base58)")
+    if len(data) > MAX_BASE58_BYTES:
+        if not notification:
+            raise RpcFault(INVALID_REQUEST, f"Encoded binary (base 58) data should be less than {MAX_BASE58_BYTES} "
+                                            "bytes, please use Base64 encoding.")
+        text = "error: data too large for bs58 encoding"
+    else:
+        text = b58encode(data)
+    return text if encoding == "binary" else [text, "base58"]
 
 
-def account_json(world: World, pubkey: str, config: dict[str, Any]) -> dict[str, Any] | None:
-    """One account in RPC shape (getAccountInfo's ``value``), or None if it is missing."""
-    acct = world.accounts.get(pubkey)
+def account_json(
+    world: World, pubkey: str, config: dict[str, Any], *, default: str = "binary", notification: bool = False
+) -> dict[str, Any] | None:
+    """One account in RPC shape (getAccountInfo's ``value``), or None if it is missing.
+
+    ``default`` is the method's default encoding (agave: base64 for getMultipleAccounts,
+    binary, i.e. legacy base58, for getAccountInfo, getProgramAccounts and subscriptions).
+    """
+    acct = world.get_account(pubkey)
     if acct is None:
-        _encode_data(b"", config)  # still validate the config
+        check_encoding(config, default)  # still validate the config
         return None
     return {
-        "data": _encode_data(acct.data, config),
+        "data": _encode_data(acct.data, config, default, notification=notification),
         "executable": acct.executable,
         "lamports": acct.lamports,
         "owner": acct.owner,
@@ -127,7 +169,7 @@ def _get_slot(world: World, params: Any) -> Any:
 
 def _get_balance(world: World, params: Any) -> Any:
     args, _ = _params(params, 2)
-    acct = world.accounts.get(_pubkey_arg(args))
+    acct = world.get_account(_pubkey_arg(args))
     return {"context": _context(world), "value": acct.lamports if acct else 0}
 
 
@@ -143,7 +185,7 @@ def _get_multiple_accounts(world: World, params: Any) -> Any:
     if len(args[0]) > MAX_MULTIPLE_ACCOUNTS:
         raise _invalid(f"Too many inputs provided; max {MAX_MULTIPLE_ACCOUNTS}")
     keys = [_pubkey_arg([k]) for k in args[0]]
-    return {"context": _context(world), "value": [account_json(world, k, config) for k in keys]}
+    return {"context": _context(world), "value": [account_json(world, k, config, default="base64") for k in keys]}
 
 
 def _get_program_accounts(world: World, params: Any) -> Any:
@@ -154,10 +196,11 @@ def _get_program_accounts(world: World, params: Any) -> Any:
         raise _invalid("Invalid params: filters must be an array")
     if len(filters) > MAX_FILTERS:
         raise _invalid(f"Too many filters provided; max {MAX_FILTERS}")
+    check_encoding(config)
     try:
         found = world.program_accounts(program, filters)
     except ValueError as exc:
-        raise _invalid(f"Invalid params: {exc}") from None
+        raise _invalid(f"Invalid param: {exc}") from None
     value = [{"pubkey": key, "account": account_json(world, key, config)} for key, _acct in found]
     return {"context": _context(world), "value": value} if config.get("withContext") else value
 
@@ -176,13 +219,15 @@ def _get_token_account_balance(world: World, params: Any) -> Any:
     if balance is None:
         raise _invalid("Invalid param: not a Token account")
     amount, decimals = balance
+    mint = str(TokenAccount.from_bytes(world.accounts[key].data[:165]).mint)
+    ui = world.token_ui_amount(mint, amount)
     return {
         "context": _context(world),
         "value": {
             "amount": str(amount),
             "decimals": decimals,
-            "uiAmount": amount / 10**decimals,
-            "uiAmountString": _ui_amount_string(amount, decimals),
+            "uiAmount": ui,
+            "uiAmountString": _ui_amount_string(amount, decimals) if ui == amount / 10**decimals else repr(ui),
         },
     }
 
@@ -211,6 +256,12 @@ def _call(world: World, item: Any) -> dict[str, Any]:
         return _rpc_error(-32600, "Invalid request", req_id)
     handler = METHODS.get(item["method"])
     try:
+        if world.node_behind:
+            world.count("node_behind_errors")
+            behind = int(world.node_behind)
+            return {"jsonrpc": "2.0", "id": req_id, "error": {
+                "code": NODE_UNHEALTHY, "message": f"Node is behind by {behind} slots",
+                "data": {"numSlotsBehind": behind}}}
         if handler is None:
             raise RpcFault(-32601, "Method not found")
         return {"jsonrpc": "2.0", "result": handler(world, item.get("params")), "id": req_id}
@@ -261,6 +312,7 @@ def create_sim_app(world: World) -> QuartTrio:
         world: the state every route reads and the control API mutates.
     """
     app = QuartTrio("edgestate.sim")
+    pings.install()
 
     @app.post("/")
     async def rpc() -> Response:
@@ -268,13 +320,28 @@ def create_sim_app(world: World) -> QuartTrio:
         world.count("rpc_requests")
         if world.latency:
             await trio.sleep(world.latency)
+        if world.forbidden:
+            world.count("http_403")
+            return _json(_FORBIDDEN, 403)
+        limit = int(world.max_body_bytes)
+        length = request.content_length
+        if limit and length is not None and length > limit:
+            world.count("http_413")  # agave: MAX_REQUEST_BODY_SIZE, checked before parsing
+            return Response("Payload Too Large", status=413)
+        raw = await request.get_data()
+        if limit and len(raw) > limit:
+            world.count("http_413")
+            return Response("Payload Too Large", status=413)
         try:
-            payload = json.loads(await request.get_data())
+            payload = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             payload = ValueError
         calls = len(payload) if isinstance(payload, list) else 1
         if not world.admit_rpc(max(calls, 1)):
             return _too_many_requests(world, _RATE_LIMITED)
+        if isinstance(payload, list) and world.refuse_batches:
+            world.count("batches_refused")
+            return _json(_BATCH_REFUSED)
         if isinstance(payload, list):
             world.count("rpc_batches")
         items = payload if isinstance(payload, list) else [payload]
@@ -325,15 +392,23 @@ def create_sim_app(world: World) -> QuartTrio:
         if world.refuse_ws:
             world.count("ws_refused")
             return _error(503, "WebSocket upgrades refused (simulated)")
+        if world.ws_full():
+            world.count("ws_refused")
+            return _error(429, f"too many WebSocket connections (at most {int(world.max_ws_connections)})")
         await websocket.accept()
         session = world.open_session()
+        client = websocket.scope.get("client")
+        unwatch = pings.watch(tuple(client) if client else None, lambda: world.client_active(session))
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump, world, session, nursery.cancel_scope)
+                nursery.start_soon(_idle_close, world, session, nursery.cancel_scope)
                 while True:  # always drain: Quart's receive queue is tiny
                     message = await websocket.receive()
+                    world.client_active(session)
                     await _pubsub_request(world, session, message)
         finally:
+            unwatch()
             world.close_session(session)
         return None
 
@@ -397,12 +472,16 @@ def create_sim_app(world: World) -> QuartTrio:
     async def control_participants() -> Response:
         try:
             body = await _json_body()
-            add = body.get("add")
-            if isinstance(add, bool) or not isinstance(add, int) or not 0 <= add <= 100_000:
-                raise ValueError('expected {"add": <int 0..100000>}')
+            add, remove = body.get("add", 0), body.get("remove", 0)
+            for value in (add, remove):
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100_000:
+                    raise ValueError('expected {"add": <int 0..100000>} and/or {"remove": <int 0..100000>}')
         except ValueError as exc:
             return _bad(exc)
-        world.add_participants(add)
+        if add:
+            world.add_participants(add)
+        if remove:
+            world.remove_participants(remove)
         return _json({"count": world.participant_count()})
 
     @app.post("/control/token-balance")
@@ -431,8 +510,11 @@ def create_sim_app(world: World) -> QuartTrio:
     return app
 
 
-async def _send(payload: Any) -> None:
-    await websocket.send(json.dumps(payload, separators=(",", ":")))
+async def _send(payload: Any, world: World | None = None) -> None:
+    text = json.dumps(payload, separators=(",", ":"))
+    if world is not None:
+        world.count("ws_bytes_sent", len(text))
+    await websocket.send(text)
 
 
 async def _pubsub_request(world: World, session: Any, message: str | bytes) -> None:
@@ -448,30 +530,53 @@ async def _pubsub_request(world: World, session: Any, message: str | bytes) -> N
         return
     method, params = item["method"], item.get("params")
     try:
-        if method == "accountSubscribe":
-            args, config = _params(params, 2)
-            pubkey = _pubkey_arg(args)
-            encoding = config.get("encoding", "base64")
-            _encode_data(b"", {"encoding": encoding})  # validate before subscribing
-            sub = world.subscribe_account(session, pubkey, encoding)
-        elif method == "slotSubscribe":
-            sub = world.subscribe_slot(session)
-        elif method in ("accountUnsubscribe", "slotUnsubscribe"):
-            if not isinstance(params, list) or len(params) != 1:
-                raise _invalid("Invalid params: expected [subscription id]")
-            if not world.unsubscribe(session, params[0], "account" if method == "accountUnsubscribe" else "slot"):
-                raise _invalid("Invalid subscription id.")
-            await _send({"jsonrpc": "2.0", "result": True, "id": req_id})
+        sub = _subscribe(world, session, method, params)
+        if sub is None:
+            await _send({"jsonrpc": "2.0", "result": True, "id": req_id}, world)
             return
-        else:
-            raise RpcFault(-32601, "Method not found")
     except RpcFault as fault:
-        await _send(_rpc_error(fault.code, fault.message, req_id))
+        await _send(_rpc_error(fault.code, fault.message, req_id), world)
         return
     try:
-        await _send({"jsonrpc": "2.0", "result": sub, "id": req_id})
+        await _send({"jsonrpc": "2.0", "result": sub, "id": req_id}, world)
     finally:
         world.release(session, sub)  # notifications may follow the confirmation now
+
+
+_UNSUBSCRIBE = {"accountUnsubscribe": "account", "slotUnsubscribe": "slot", "programUnsubscribe": "program"}
+
+
+def _subscribe(world: World, session: Any, method: str, params: Any) -> int | None:
+    """A subscription's id, or None for a successful unsubscribe.
+
+    Raises:
+        RpcFault: the error to answer.
+    """
+    if method == "accountSubscribe":
+        args, config = _params(params, 2)
+        pubkey = _pubkey_arg(args)
+        check_encoding(config)  # validate before subscribing; agave's default: binary
+        return world.subscribe_account(session, pubkey, dict(config))
+    if method == "programSubscribe":
+        args, config = _params(params, 2)
+        program = _pubkey_arg(args, "program id")
+        check_encoding(config)
+        filters = config.get("filters") or []
+        if not isinstance(filters, list) or len(filters) > MAX_FILTERS:
+            raise _invalid(f"Invalid params: filters must be an array of at most {MAX_FILTERS}")
+        try:
+            return world.subscribe_program(session, program, filters, dict(config))
+        except ValueError as exc:
+            raise _invalid(f"Invalid param: {exc}") from None
+    if method == "slotSubscribe":
+        return world.subscribe_slot(session)
+    if method in _UNSUBSCRIBE:
+        if not isinstance(params, list) or len(params) != 1:
+            raise _invalid("Invalid params: expected [subscription id]")
+        if not world.unsubscribe(session, params[0], _UNSUBSCRIBE[method]):
+            raise _invalid("Invalid subscription id.")
+        return None
+    raise RpcFault(-32601, "Method not found")
 
 
 async def _pump(world: World, session: Any, scope: trio.CancelScope) -> None:
@@ -488,14 +593,37 @@ async def _pump(world: World, session: Any, scope: trio.CancelScope) -> None:
             continue
         for kind, sub, payload in pending:
             if kind == "account":
-                pubkey, encoding = payload
-                value = account_json(world, pubkey, {"encoding": encoding})
+                pubkey, config = payload
+                value = account_json(world, pubkey, config, notification=True)
                 params = {"result": {"context": {"slot": world.slot}, "value": value}, "subscription": sub}
-                await _send({"jsonrpc": "2.0", "method": "accountNotification", "params": params})
+                await _send({"jsonrpc": "2.0", "method": "accountNotification", "params": params}, world)
+            elif kind == "program":
+                pubkey, config = payload
+                value = {"pubkey": pubkey, "account": account_json(world, pubkey, config, notification=True)}
+                params = {"result": {"context": {"slot": world.slot}, "value": value}, "subscription": sub}
+                await _send({"jsonrpc": "2.0", "method": "programNotification", "params": params}, world)
             else:
                 result = {"parent": payload - 1, "root": max(0, payload - 32), "slot": payload}
-                await _send({"jsonrpc": "2.0", "method": "slotNotification", "params": {"result": result, "subscription": sub}})
+                await _send({"jsonrpc": "2.0", "method": "slotNotification", "params": {"result": result, "subscription": sub}},
+                            world)
             world.count("ws_notifications")
+
+
+async def _idle_close(world: World, session: Any, scope: trio.CancelScope) -> None:
+    """Close a socket whose client sent nothing, not even a ping, for ``ws_idle_timeout``
+    (Helius: 10 minutes), as the provider does."""
+    while True:
+        timeout = float(world.ws_idle_timeout)
+        if not timeout:
+            await trio.sleep(1.0)
+            continue
+        idle = world.idle_for(session)
+        if idle >= timeout:
+            world.count("ws_idle_closed")
+            await websocket.close(1000, "idle timeout")
+            scope.cancel()
+            return
+        await trio.sleep(min(timeout - idle, 1.0) + 0.001)
 
 
 __all__ = ["FAULT_DEFAULTS", "METHODS", "account_json", "create_sim_app"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
+import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -44,9 +45,23 @@ FAULT_DEFAULTS: dict[str, float | bool] = {
     "timeout_ratio": 0.0,  # share of requests that hang for HANG_SECONDS
     "malformed_ratio": 0.0,  # share of requests answered 200 with a broken body
     "refuse_ws": False,  # reject PubSub WebSocket upgrades with HTTP 503
+    # As real providers do (these are on by default):
+    "max_body_bytes": 51200.0,  # agave's MAX_REQUEST_BODY_SIZE (50 KiB): larger bodies get HTTP 413; 0 = off
+    "ws_idle_timeout": 600.0,  # Helius closes a PubSub socket that sent nothing, not even a ping, this long
+    # Provider behaviours to switch on:
+    "refuse_batches": False,  # answer any batch with one error object (providers that refuse batches)
+    "node_behind": 0.0,  # > 0: every call (getHealth too) gets -32005 "Node is behind by N slots"
+    "forbidden": False,  # every RPC request gets HTTP 403 (a blocked key or address)
+    "max_ws_connections": 0.0,  # PubSub connections at once (Helius Free: 5); more get HTTP 429; 0 = off
 }
 HANG_SECONDS = 3600.0
 _RATIOS = ("error_ratio", "timeout_ratio", "malformed_ratio")
+_BOOL_KNOBS = ("refuse_ws", "refuse_batches", "forbidden")
+CLOCK_SYSVAR = "SysvarC1ock11111111111111111111111111111111"
+SYSVAR_PROGRAM = "Sysvar1111111111111111111111111111111111111"
+_UNIX_EPOCH_AT_START = 1_767_225_600  # 2026-01-01: the simulated chain's clock at trio time 0
+# Token-2022 extension types (spl-token-2022 ExtensionType) and their value sizes.
+EXT_INTEREST_BEARING, EXT_SCALED_UI_AMOUNT = 10, 25
 
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _B58_INDEX = {c: i for i, c in enumerate(_B58)}
@@ -104,8 +119,12 @@ class _Session:
     """One PubSub WebSocket: its subscriptions and what each has already been sent."""
 
     generation: int
-    accounts: dict[int, tuple[str, str, int]] = dataclasses.field(default_factory=dict)  # id -> (key, enc, seen)
+    # id -> (key, config, seen)
+    accounts: dict[int, tuple[str, dict[str, Any], int]] = dataclasses.field(default_factory=dict)
     slots: dict[int, int] = dataclasses.field(default_factory=dict)  # id -> last slot sent
+    # id -> (program, filters, config, last slot looked at)
+    programs: dict[int, tuple[str, list[Any], dict[str, Any], int]] = dataclasses.field(default_factory=dict)
+    last_activity: float = 0.0  # time of the client's last message or ping
     # Subscriptions whose confirmation is not sent yet: no notification may overtake it.
     held: set[int] = dataclasses.field(default_factory=set)
 
@@ -154,6 +173,13 @@ def _new_counters() -> dict[str, Any]:
         "ws_dropped": 0,
         "ws_subscriptions_total": 0,
         "ws_notifications": 0,
+        "ws_bytes_sent": 0,  # what a provider meters (Helius: 2 credits per 0.1 MB)
+        "ws_idle_closed": 0,
+        "ws_connections_peak": 0,
+        "http_413": 0,
+        "http_403": 0,
+        "batches_refused": 0,
+        "node_behind_errors": 0,
     }
 
 
@@ -189,6 +215,12 @@ class World:
         self.timeout_ratio = 0.0
         self.malformed_ratio = 0.0
         self.refuse_ws = False
+        self.max_body_bytes = 51200.0
+        self.ws_idle_timeout = 600.0
+        self.refuse_batches = False
+        self.node_behind = 0.0
+        self.forbidden = False
+        self.max_ws_connections = 0.0
         self._clock = clock or trio.current_time
         self._rpc_bucket = _Bucket(self._clock)
         self._price_bucket = _Bucket(self._clock)
@@ -200,24 +232,35 @@ class World:
 
     @classmethod
     def from_config(
-        cls, cfg: Config, *, participants: int = 42, seed: int = 0, clock: Callable[[], float] | None = None
+        cls,
+        cfg: Config,
+        *,
+        participants: int = 42,
+        seed: int = 0,
+        clock: Callable[[], float] | None = None,
+        price: float | None = 0.042,
+        pot: bool = True,
     ) -> World:
         """A world holding the lottery and token that ``cfg`` points at.
 
-        The pot account holds 12.5 SOL, ``cfg.lottery.program_id`` owns ``participants``
-        accounts matching ``cfg.lottery.participant_filters`` (plus a few that do not,
-        when there are filters), and ``cfg.token.mint`` is an SPL mint (6 decimals)
-        priced at 0.042 USD. ``clock`` (default :func:`trio.current_time`) drives the
-        rate limiters; tests may freeze it.
+        The pot account holds 12.5 SOL (``pot=False``: it does not exist),
+        ``cfg.lottery.program_id`` owns ``participants`` accounts matching
+        ``cfg.lottery.participant_filters`` (plus a few that do not, when there are
+        filters), and ``cfg.token.mint`` is an SPL mint (6 decimals) priced at ``price``
+        USD (None: the price API has no price for it, as for any mint nobody set).
+        ``clock`` (default :func:`trio.current_time`) drives the rate limiters, the idle
+        timer and the Clock sysvar; tests may freeze it.
         """
         world = cls(seed=seed, clock=clock)
         world.pot_account = cfg.lottery.pot_account
         world.program_id = cfg.lottery.program_id
         world.token_mint = cfg.token.mint
         world.participant_filters = tuple(dict(f) for f in cfg.lottery.participant_filters)
-        world.set_account(world.pot_account, 12_500_000_000, SYSTEM_PROGRAM)
+        if pot:
+            world.set_account(world.pot_account, 12_500_000_000, SYSTEM_PROGRAM)
         world.add_mint(world.token_mint, 6)
-        world.set_price(world.token_mint, 0.042)
+        if price is not None:
+            world.set_price(world.token_mint, price)
         world.add_participants(participants)
         # Accounts of the same program that the filters must exclude: longer ones, and
         # one of the right size whose memcmp bytes differ. Only those that really fail.
@@ -309,32 +352,89 @@ class World:
         self._touch(*keys)
         return keys
 
+    def remove_participants(self, n: int = 1) -> list[str]:
+        """Close ``n`` participant accounts (as a program closing them: no notification).
+
+        Returns:
+            their public keys.
+        """
+        keys = [key for key, _ in self.program_accounts(self.program_id, self.participant_filters)][:n]
+        for key in keys:
+            del self.accounts[key]
+        self._touch()
+        return keys
+
+    def now(self) -> float:
+        """The world's clock (trio time unless another clock was given)."""
+        return self._clock()
+
+    def unix_timestamp(self) -> int:
+        """The chain's Clock.unix_timestamp: a fixed start plus the world's clock."""
+        return _UNIX_EPOCH_AT_START + int(self._clock())
+
+    def get_account(self, pubkey: str) -> SimAccount | None:
+        """An account as the RPC sees it, the Clock sysvar included (made on the fly)."""
+        if pubkey == CLOCK_SYSVAR:
+            ts = self.unix_timestamp()
+            data = struct.pack("<QqQQq", self.slot, ts - 3600, self.slot // 432_000, self.slot // 432_000 + 1, ts)
+            return SimAccount(1_169_280, SYSVAR_PROGRAM, data, False, self.slot)
+        return self.accounts.get(pubkey)
+
     def participant_count(self) -> int:
         """How many accounts getProgramAccounts(program_id, participant_filters) returns."""
         return len(self.program_accounts(self.program_id, self.participant_filters))
 
-    def add_mint(self, mint: str, decimals: int, token_program: str = "spl", extension_bytes: int = 0) -> None:
+    def add_mint(
+        self,
+        mint: str,
+        decimals: int,
+        token_program: str = "spl",
+        extension_bytes: int = 0,
+        *,
+        interest_bearing: Mapping[str, int] | None = None,
+        scaled_ui_amount: Mapping[str, float] | None = None,
+    ) -> None:
         """Create (or replace) a token mint.
 
         Args:
             mint: its address.
             decimals: 0..255.
             token_program: "spl" or "token-2022".
-            extension_bytes: Token-2022 only: bytes of TLV extensions; the account is
-                then 82 + 83 padding + 1 type byte + extension_bytes long.
+            extension_bytes: Token-2022 only: bytes of empty TLV space after the extensions.
+            interest_bearing: Token-2022 InterestBearingConfig ``{initialization_timestamp,
+                pre_update_average_rate, last_update_timestamp, current_rate}`` (rates in
+                basis points; timestamps in the chain's Unix time).
+            scaled_ui_amount: Token-2022 ScaledUiAmountConfig ``{multiplier,
+                new_multiplier_effective_timestamp, new_multiplier}``.
 
         Raises:
-            ValueError: bad address, decimals, program or extension size.
+            ValueError: bad address, decimals, program or extension data.
         """
         if token_program not in TOKEN_PROGRAMS:
             raise ValueError(f"token_program must be 'spl' or 'token-2022', got {token_program!r}")
         if not 0 <= decimals <= 255 or isinstance(decimals, bool):
             raise ValueError(f"decimals must be 0..255, got {decimals!r}")
-        if extension_bytes < 0 or (extension_bytes and token_program == "spl"):
-            raise ValueError("extension_bytes needs token_program 'token-2022' and must be >= 0")
+        tlv = b""
+        try:
+            if interest_bearing is not None:
+                ib = interest_bearing
+                value = b"\0" * 32 + struct.pack("<qhqh", int(ib["initialization_timestamp"]),
+                                                 int(ib["pre_update_average_rate"]),
+                                                 int(ib["last_update_timestamp"]), int(ib["current_rate"]))
+                tlv += struct.pack("<HH", EXT_INTEREST_BEARING, len(value)) + value
+            if scaled_ui_amount is not None:
+                su = scaled_ui_amount
+                value = b"\0" * 32 + struct.pack("<dqd", float(su["multiplier"]),
+                                                 int(su.get("new_multiplier_effective_timestamp", 0)),
+                                                 float(su.get("new_multiplier", su["multiplier"])))
+                tlv += struct.pack("<HH", EXT_SCALED_UI_AMOUNT, len(value)) + value
+        except (KeyError, TypeError, ValueError, struct.error) as exc:
+            raise ValueError(f"bad extension config: {exc}") from None
+        if extension_bytes < 0 or ((extension_bytes or tlv) and token_program == "spl"):
+            raise ValueError("extensions need token_program 'token-2022' (and extension_bytes >= 0)")
         data = bytes(Mint(mint_authority=None, supply=10**15, decimals=decimals, is_initialized=True, freeze_authority=None))
-        if extension_bytes:
-            data += b"\0" * (TOKEN_ACCOUNT_LEN - MINT_LEN) + _T22_MINT + b"\0" * extension_bytes
+        if extension_bytes or tlv:
+            data += b"\0" * (TOKEN_ACCOUNT_LEN - MINT_LEN) + _T22_MINT + tlv + b"\0" * extension_bytes
         self.set_account(mint, 1_461_600, TOKEN_PROGRAMS[token_program], data)
 
     def token_kind(self, pubkey: str) -> str | None:
@@ -354,6 +454,13 @@ class World:
         if self.token_kind(mint) != "mint":
             return None
         return Mint.from_bytes(self.accounts[mint].data[:MINT_LEN]).decimals
+
+    def token_ui_amount(self, mint: str, amount: int) -> float | None:
+        """uiAmount of ``amount`` of ``mint`` now, as agave computes it (extensions included)."""
+        from edgestate.upstream.tokens import parse_mint, ui_amount
+
+        acct = self.accounts[mint]
+        return ui_amount(amount, parse_mint(acct.owner, acct.data), self.unix_timestamp())
 
     def token_balance(self, token_account: str) -> tuple[int, int] | None:
         """``(amount_raw, decimals)`` of a token account, or None if it is not one."""
@@ -455,9 +562,9 @@ class World:
         for name, value in knobs.items():
             if name not in FAULT_DEFAULTS:
                 raise ValueError(f"unknown fault knob {name!r} (known: {', '.join(FAULT_DEFAULTS)})")
-            if name == "refuse_ws":
+            if name in _BOOL_KNOBS:
                 if not isinstance(value, bool):
-                    raise ValueError(f"refuse_ws must be true or false, got {value!r}")
+                    raise ValueError(f"{name} must be true or false, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
             elif name in _RATIOS and value > 1:
@@ -508,7 +615,7 @@ class World:
         snap = dict(self._counters)
         snap["rpc_methods"] = dict(self._counters["rpc_methods"])
         snap["ws_connections_active"] = len(self._sessions)
-        snap["ws_subscriptions_active"] = sum(len(s.accounts) + len(s.slots) for s in self._sessions)
+        snap["ws_subscriptions_active"] = sum(len(s.accounts) + len(s.slots) + len(s.programs) for s in self._sessions)
         return snap
 
     def reset_counters(self) -> None:
@@ -519,10 +626,23 @@ class World:
 
     def open_session(self) -> _Session:
         """Register a PubSub connection."""
-        session = _Session(self._generation)
+        session = _Session(self._generation, last_activity=self._clock())
         self._sessions.add(session)
         self.count("ws_connections_total")
+        self._counters["ws_connections_peak"] = max(self._counters["ws_connections_peak"], len(self._sessions))
         return session
+
+    def ws_full(self) -> bool:
+        """True when a new PubSub connection would pass ``max_ws_connections``."""
+        return bool(self.max_ws_connections) and len(self._sessions) >= self.max_ws_connections
+
+    def client_active(self, session: _Session) -> None:
+        """The client sent a message or a ping: its idle timer starts again."""
+        session.last_activity = self._clock()
+
+    def idle_for(self, session: _Session) -> float:
+        """Seconds since the client's last message or ping."""
+        return self._clock() - session.last_activity
 
     def close_session(self, session: _Session) -> None:
         """Forget a PubSub connection and its subscriptions."""
@@ -540,11 +660,25 @@ class World:
         self.wake()
         return dropped
 
-    def subscribe_account(self, session: _Session, pubkey: str, encoding: str) -> int:
-        """Add an accountSubscribe (held until :meth:`release`); returns its id."""
+    def subscribe_account(self, session: _Session, pubkey: str, config: dict[str, Any]) -> int:
+        """Add an accountSubscribe (held until :meth:`release`); returns its id.
+
+        ``config`` is the subscription's (encoding, dataSlice), used for notifications.
+        """
         sub = self._new_sub(session)
         acct = self.accounts.get(pubkey)
-        session.accounts[sub] = (pubkey, encoding, acct.modified_slot if acct else 0)
+        session.accounts[sub] = (pubkey, config, acct.modified_slot if acct else 0)
+        return sub
+
+    def subscribe_program(self, session: _Session, program: str, filters: list[Any], config: dict[str, Any]) -> int:
+        """Add a programSubscribe (held until :meth:`release`); returns its id.
+
+        Raises:
+            ValueError: bad filters.
+        """
+        _compile_filters(filters)  # validate now
+        sub = self._new_sub(session)
+        session.programs[sub] = (program, filters, config, self.slot)
         return sub
 
     def subscribe_slot(self, session: _Session) -> int:
@@ -566,7 +700,9 @@ class World:
 
     def unsubscribe(self, session: _Session, sub: object, kind: str) -> bool:
         """Remove subscription ``sub`` of ``kind`` ("account" or "slot"); False if unknown."""
-        subs: dict[int, Any] = session.accounts if kind == "account" else session.slots
+        by_kind: dict[str, dict[int, Any]] = {"account": session.accounts, "slot": session.slots,
+                                              "program": session.programs}
+        subs = by_kind[kind]
         if not isinstance(sub, int) or sub not in subs:
             return False
         del subs[sub]
@@ -577,8 +713,9 @@ class World:
 
         Returns:
             ``(kind, subscription, payload)`` triples: kind "account" with
-            ``(pubkey, encoding)``, or "slot" with the slot number. Several changes
-            between two calls coalesce to the newest value.
+            ``(pubkey, encoding)``, "program" with ``(pubkey, config)`` for each matching
+            account of the program that changed, or "slot" with the slot number.
+            Several changes between two calls coalesce to the newest value.
         """
         out: list[tuple[str, int, Any]] = []
         for sub, (key, enc, seen) in session.accounts.items():
@@ -592,6 +729,13 @@ class World:
             if sub not in session.held and self.slot > seen:
                 session.slots[sub] = self.slot
                 out.append(("slot", sub, self.slot))
+        for sub, (program, filters, config, seen) in session.programs.items():
+            if sub in session.held or self.slot <= seen:
+                continue
+            session.programs[sub] = (program, filters, config, self.slot)
+            for key, acct in self.program_accounts(program, filters):
+                if acct.modified_slot > seen:
+                    out.append(("program", sub, (key, config)))
         return out
 
     async def wait_changed(self) -> None:
@@ -644,16 +788,24 @@ def decode_memcmp_bytes(memcmp: Mapping[str, Any]) -> bytes:
     raw, encoding = memcmp.get("bytes"), memcmp.get("encoding", "base58")
     if not isinstance(raw, str):
         raise ValueError(f"memcmp bytes must be a string, got {raw!r}")
+    # agave (rpc-client-api filter.rs): at most 175 base58 / 172 base64 characters, and
+    # at most 128 bytes once decoded (MAX_DATA_SIZE); it names the error DataTooLarge.
     if encoding == "base58":
-        if len(raw) > 175:  # Solana's MAX_DATA_BASE58_SIZE
-            raise ValueError("memcmp bytes too long")
-        return b58decode(raw)
-    if encoding == "base64":
+        if len(raw) > 175:
+            raise ValueError("DataTooLarge")
+        decoded = b58decode(raw)
+    elif encoding == "base64":
+        if len(raw) > 172:
+            raise ValueError("DataTooLarge")
         try:
-            return base64.b64decode(raw, validate=True)
+            decoded = base64.b64decode(raw, validate=True)
         except binascii.Error:
             raise ValueError("memcmp bytes are not valid base64") from None
-    raise ValueError(f"unknown memcmp encoding {encoding!r}")
+    else:
+        raise ValueError(f"unknown memcmp encoding {encoding!r}")
+    if len(decoded) > 128:
+        raise ValueError("DataTooLarge")
+    return decoded
 
 
 async def run_slot_ticker(world: World, interval: float = 0.4) -> None:

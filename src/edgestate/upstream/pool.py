@@ -4,9 +4,23 @@ Callers ``await pool.execute(method, params)``. Each call goes through a bounded
 per-priority memory channel to a batcher that collects one window of calls
 (``batch_window_ms`` from the first one, or until ``max_batch_size`` wire items),
 dedupes identical calls, merges single-account reads into ``getMultipleAccounts``,
-takes rate-limiter credits and hands the batch to one of ``max_connections``
-workers sharing one ``httpx.AsyncClient``. Replies are routed back by JSON-RPC id
-into a per-call one-shot slot, so a caller that gave up never blocks a worker.
+packs them into batches of at most ``max_batch_size`` items and ``max_batch_bytes`` of
+JSON, takes rate-limiter tokens (one per item, plus the per-method limits) and hands the
+batch to one of ``max_connections`` workers sharing one ``httpx.AsyncClient``. Replies
+are routed back by JSON-RPC id into a per-call one-shot slot, so a caller that gave up
+never blocks a worker.
+
+What providers answer besides results, and what the pool does about it:
+
+* HTTP 413 (body too large): the batch is split in halves and each half is retried;
+* one error object for a whole batch (a provider that refuses batches): every call is
+  retried on its own, and the endpoint is remembered as batch-refusing (logged, in stats);
+* 401/403 (key or IP blocked), 5xx, timeouts, connection errors and -32005 (node behind):
+  the endpoint fails over to the next one, with the reason in ``stats()["endpoints"]``;
+* 429: Retry-After honoured, the rate halved for a while (the rate limiter's job).
+
+Credits (``method_costs``) are counted per endpoint in a :class:`CreditMeter` for every
+request sent; they are a monthly budget, not part of the per-second rate limit.
 """
 
 from __future__ import annotations
@@ -25,8 +39,9 @@ import trio
 
 from ..config import UpstreamConfig, redact
 from ..errors import Overloaded, RpcError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from .batching import GMA_MAX, Call, ErrSpec, Window, Wire
+from .batching import GMA_MAX, Call, ErrSpec, Window, Wire, pack
 from .bodies import read_capped
+from .costs import CreditMeter
 from .ratelimit import Priority, RateLimiter
 
 log = logging.getLogger("edgestate.upstream")
@@ -38,6 +53,8 @@ _PROBE_EVERY = 2.0
 _PROBE_CAP = 30.0
 _ITEM_RETRY = frozenset({429})  # per-item error codes worth another attempt
 _PROBE_BODY_CAP = 65536  # a getHealth reply is a few dozen bytes
+NODE_BEHIND = -32005  # agave: JSON_RPC_SERVER_ERROR_NODE_UNHEALTHY ("Node is behind by N slots")
+_BLOCKED = frozenset({401, 403})  # the key or the address is refused: this endpoint is no use now
 
 
 class _RedactUrls(logging.Filter):
@@ -66,16 +83,35 @@ class _Batch:
 
 
 class _Endpoint:
-    __slots__ = ("url", "label", "healthy", "failures", "last_error", "failed_at", "probe_at", "probe_delay")
+    __slots__ = (
+        "url", "label", "healthy", "failures", "last_error", "failed_at", "probe_at", "probe_delay",
+        "down_reason", "refuses_batches",
+    )
 
     def __init__(self, url: str) -> None:
         self.url, self.label = url, redact(url)
         self.healthy = True
         self.failures = 0
         self.last_error: str | None = None
+        self.down_reason: str | None = None  # why it was marked down, for /stats
+        self.refuses_batches = False  # answered a batch with one error object: send calls singly
         self.failed_at = -math.inf
         self.probe_at = 0.0
         self.probe_delay = _PROBE_EVERY
+
+
+class _Outcome:
+    """What one POST left to do."""
+
+    __slots__ = ("retry", "error", "floor", "failed", "split", "refused")
+
+    def __init__(
+        self, retry: list[Wire], error: ErrSpec, floor: float = 0.0, failed: bool = False,
+        *, split: bool = False, refused: bool = False,
+    ) -> None:
+        self.retry, self.error, self.floor, self.failed = retry, error, floor, failed
+        self.split = split  # HTTP 413: send the wires again in two halves
+        self.refused = refused  # a batch refused as a whole: send the wires one by one
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
@@ -156,6 +192,16 @@ class Pool:
         self._work_lot = trio.lowlevel.ParkingLot()  # idle workers
         self._room_lot = trio.lowlevel.ParkingLot()  # batchers waiting for a free slot
         self._endpoints = [_Endpoint(u) for u in cfg.rpc_urls]
+        # Per-method per-second limits on top of the pool-wide one (Helius: getProgramAccounts).
+        self._method_limiters = {
+            m: RateLimiter(rate, name=f"upstream {m}") for m, rate in cfg.method_rate_limits.items()
+        }
+        self.credits = CreditMeter()
+        # A batch's items count as requests in the second it is sent: never more per batch
+        # than one second of the limits allows (Helius Free: 10 items, 5 getProgramAccounts).
+        self._items_cap = min(cfg.max_batch_size, max(1, int(cfg.max_requests_per_second)))
+        self._method_caps = {m: max(1, int(rate)) for m, rate in cfg.method_rate_limits.items()}
+        self._failovers: collections.Counter[str] = collections.Counter()
         self._window_s = cfg.batch_window_ms / 1000
         # One attempt may use at most half the deadline, so a hung endpoint leaves time to fail over.
         self._attempt_timeout = cfg.request_timeout / 2 if len(self._endpoints) > 1 else cfg.request_timeout
@@ -239,7 +285,6 @@ class Pool:
         max_calls = self._cfg.max_batch_size * GMA_MAX
         # With max_batch_size 1 the window stays open so reads can still merge.
         close_at = self._cfg.max_batch_size if self._cfg.max_batch_size > 1 else math.inf
-        size = self._cfg.max_batch_size
         async for first in rx:
             if not first.waiting:
                 continue
@@ -252,8 +297,9 @@ class Pool:
                         window.add(call)
             wires, merged = window.build()
             self._n["merged"] += merged
-            for start in range(0, len(wires), size):
-                batch = _Batch(wires[start : start + size], priority)
+            for chunk in pack(wires, max_items=self._items_cap, max_bytes=self._cfg.max_batch_bytes,
+                              per_method=self._method_caps):
+                batch = _Batch(chunk, priority)
                 try:
                     await self._submit(batch)
                 except Exception as exc:  # a bug must cost one batch, never the pool
@@ -270,14 +316,23 @@ class Pool:
         self._work_lot.unpark()
 
     async def _pay(self, wires: list[Wire], priority: Priority) -> bool:
-        """Take limiter credits for the live ``wires``; False when nobody waits any more."""
+        """Take rate-limit tokens for the live ``wires``; False when nobody waits any more.
+
+        One token per call (providers count each batch item as a request), from the
+        per-method limiters first, then from the pool-wide one. Credits are not tokens:
+        they are counted when the request is sent (:class:`CreditMeter`).
+        """
         wires[:] = [w for w in wires if w.alive()]
         if not wires:
             return False
-        cost = float(sum(self._cfg.method_costs.get(w.method, 1) for w in wires))
-        # Never spend credits on calls whose callers all gave up while we queued.
+        by_method = collections.Counter(w.method for w in wires)
+        # Never spend tokens on calls whose callers all gave up while we queued.
         with trio.move_on_at(max(c.deadline for w in wires for c, _, _ in w.waiters)):
-            await self._limiter.acquire(cost, priority=priority)
+            for method, n in by_method.items():
+                limiter = self._method_limiters.get(method)
+                if limiter is not None:
+                    await limiter.acquire(float(n), priority=priority)
+            await self._limiter.acquire(float(len(wires)), priority=priority)
             return True
         for wire in wires:
             wire.fail((UpstreamTimeout, f"{wire.method}: rate limit wait outlasted the deadline"))
@@ -332,16 +387,46 @@ class Pool:
             if not pending:
                 return
             endpoint = self._pick_endpoint(exclude)
-            retry, error, floor, failed = await self._attempt(endpoint, pending)
-            exclude = endpoint if failed else None
-            if not retry:
+            if len(pending) > 1 and endpoint.refuses_batches:
+                await self._one_by_one(pending, batch.priority, paid=True)
                 return
-            pending = retry
+            out = await self._attempt(endpoint, pending)
+            if out.split:
+                await self._split(pending, batch.priority)
+                return
+            if out.refused:
+                await self._one_by_one(pending, batch.priority, paid=False)
+                return
+            error, floor = out.error, out.floor
+            exclude = endpoint if out.failed else None
+            if not out.retry:
+                return
+            pending = out.retry
         for wire in pending:
             wire.fail(error)
 
-    async def _attempt(self, ep: _Endpoint, wires: list[Wire]) -> tuple[list[Wire], ErrSpec, float, bool]:
-        """POST once. Returns (wires to retry, their error, minimum wait, endpoint failed)."""
+    async def _split(self, wires: list[Wire], priority: Priority) -> None:
+        """HTTP 413: the halves go out as two batches (each paid again: they are new requests)."""
+        self._n["split_413"] += 1
+        half = len(wires) // 2
+        for part in (wires[:half], wires[half:]):
+            if await self._pay(part, priority):
+                await self._process(_Batch(part, priority))
+
+    async def _one_by_one(self, wires: list[Wire], priority: Priority, *, paid: bool) -> None:
+        """Each wire as its own request, concurrently (``paid``: tokens already taken)."""
+        self._n["sent_singly"] += len(wires)
+
+        async def one(wire: Wire) -> None:
+            if paid or await self._pay([wire], priority):
+                await self._process(_Batch([wire], priority))
+
+        async with trio.open_nursery() as nursery:
+            for wire in wires:
+                nursery.start_soon(one, wire)
+
+    async def _attempt(self, ep: _Endpoint, wires: list[Wire]) -> _Outcome:
+        """POST once and settle what can be settled; the outcome says what is left to do."""
         assert self._client is not None
         ids: dict[int, Wire] = {}
         items = []
@@ -354,6 +439,9 @@ class Pool:
         deadline = max(c.deadline for w in wires for c, _, _ in w.waiters)
         timeout = min(deadline - trio.current_time(), self._attempt_timeout)
         self._n["http_requests"] += 1
+        self._n["body_bytes"] += len(body)
+        self._n["largest_body"] = max(self._n["largest_body"], len(body))
+        self.credits.add(ep.label, float(sum(self._cfg.method_costs.get(w.method, 1) for w in wires)))
         t0 = trio.current_time()
         try:
             with trio.fail_after(max(timeout, 0.0)):
@@ -366,16 +454,26 @@ class Pool:
                     await resp.aclose()
         except (trio.TooSlowError, httpx.TimeoutException) as exc:
             self._endpoint_failed(ep, "Timeout" if isinstance(exc, trio.TooSlowError) else type(exc).__name__)
-            return wires, (UpstreamTimeout, f"no reply from {ep.label} within {timeout:.1f}s"), 0.0, True
+            return _Outcome(wires, (UpstreamTimeout, f"no reply from {ep.label} within {timeout:.1f}s"), failed=True)
         except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:  # str(exc) may hold the URL
             self._endpoint_failed(ep, type(exc).__name__)
-            return wires, (UpstreamUnavailable, f"{type(exc).__name__} talking to {ep.label}"), 0.0, True
+            return _Outcome(wires, (UpstreamUnavailable, f"{type(exc).__name__} talking to {ep.label}"), failed=True)
         self._latency.append(trio.current_time() - t0)
         status = resp.status_code
         if status >= 500:
             self._endpoint_failed(ep, f"HTTP {status}")
-            return wires, (UpstreamError, f"HTTP {status} from {ep.label}"), 0.0, True
-        self._endpoint_ok(ep)
+            return _Outcome(wires, (UpstreamError, f"HTTP {status} from {ep.label}"), failed=True)
+        if status in _BLOCKED:
+            # A blocked key or address does not heal by retrying here: fail over at once.
+            self._endpoint_failed(ep, f"HTTP {status} (key or address refused)", now=True)
+            return _Outcome(wires, (UpstreamUnavailable, f"HTTP {status} from {ep.label} (key or address refused)"),
+                            failed=True)
+        if status == 413:
+            if len(wires) > 1:
+                log.info("%s refused a %d-byte batch of %d calls (HTTP 413): splitting it", ep.label, len(body),
+                         len(wires))
+                return _Outcome([], (UpstreamError, ""), split=True)
+            return self._fail_all(wires, f"request body of {len(body)} bytes too large for {ep.label} (HTTP 413)")
         if content is None:
             cap = self._cfg.max_response_bytes
             return self._fail_all(wires, f"reply from {ep.label} over upstream.max_response_bytes ({cap} bytes): aborted")
@@ -386,12 +484,22 @@ class Pool:
         # An error object as the whole body: the batch's (or the single call's) answer.
         whole = _rpc_error(reply.get("error")) if isinstance(reply, dict) else None
         if status == 429 or (whole is not None and whole.code == 429):
+            self._endpoint_ok(ep)
             wait = _retry_after(resp)
             self._limiter.penalize(wait)
             log.info("rate limited by %s (retry after %s)", ep.label, wait)
-            return wires, (UpstreamError, f"rate limited by {ep.label} (HTTP 429)"), wait or 0.0, False
+            return _Outcome(wires, (UpstreamError, f"rate limited by {ep.label} (HTTP 429)"), wait or 0.0)
+        if whole is not None and whole.code == NODE_BEHIND:
+            self._endpoint_failed(ep, f"node behind ({NODE_BEHIND}: {whole.rpc_message[:80]})", now=True)
+            return _Outcome(wires, (UpstreamError, f"{ep.label}: {whole.rpc_message[:80]} ({NODE_BEHIND})"),
+                            failed=True)
+        if is_batch and whole is not None and status in (200, 400):
+            self._endpoint_ok(ep)
+            self._batch_refused(ep, whole)
+            return _Outcome([], (UpstreamError, ""), refused=True)
+        self._endpoint_ok(ep)
         if status == 408:
-            return wires, (UpstreamTimeout, f"HTTP 408 from {ep.label}"), 0.0, False
+            return _Outcome(wires, (UpstreamTimeout, f"HTTP 408 from {ep.label}"))
         if status != 200:
             return self._fail_all(wires, f"HTTP {status} from {ep.label}")
         if reply is ValueError:
@@ -399,7 +507,7 @@ class Pool:
         if whole is not None:
             for wire in wires:
                 wire.fail(whole)
-            return [], (UpstreamError, ""), 0.0, False
+            return _Outcome([], (UpstreamError, ""))
         if not is_batch:
             if isinstance(reply, dict) and reply.get("id") is None:
                 reply = {**reply, "id": next(iter(ids))}  # a single call's reply is its own
@@ -407,7 +515,7 @@ class Pool:
         if not isinstance(reply, list):
             return self._fail_all(wires, f"malformed batch reply from {ep.label}: {type(reply).__name__}, not a list")
         by_id = {it.get("id"): it for it in reply if isinstance(it, dict)}
-        retry = []
+        retry, behind = [], []
         for rid, wire in ids.items():
             item = by_id.get(rid)
             if item is None:
@@ -418,21 +526,35 @@ class Pool:
                     wire.fail((UpstreamError, f"{wire.method}: malformed error object from {ep.label}"))
                 elif err.code in _ITEM_RETRY:
                     retry.append(wire)
+                elif err.code == NODE_BEHIND:
+                    behind.append((wire, err))
                 else:
                     wire.fail(err)
             elif "result" in item:
                 wire.deliver(item["result"])
             else:
                 wire.fail((UpstreamError, f"{wire.method}: reply item has neither result nor error"))
+        if behind:
+            message = behind[0][1].rpc_message[:80]
+            self._endpoint_failed(ep, f"node behind ({NODE_BEHIND}: {message})", now=True)
+            return _Outcome(retry + [w for w, _ in behind], (UpstreamError, f"{ep.label}: {message} ({NODE_BEHIND})"),
+                            failed=True)
         if retry:
             self._limiter.penalize(None)
-        return retry, (UpstreamError, f"rate limited by {ep.label} (item error 429)"), 0.0, False
+        return _Outcome(retry, (UpstreamError, f"rate limited by {ep.label} (item error 429)"))
 
-    def _fail_all(self, wires: list[Wire], message: str) -> tuple[list[Wire], ErrSpec, float, bool]:
+    def _batch_refused(self, ep: _Endpoint, error: RpcError) -> None:
+        self._n["batch_refusals"] += 1
+        if not ep.refuses_batches:
+            ep.refuses_batches = True
+            log.warning("%s answered a batch with one error (%d: %s): sending its calls one by one from now on",
+                        ep.label, error.code, error.rpc_message[:80])
+
+    def _fail_all(self, wires: list[Wire], message: str) -> _Outcome:
         log.warning("%s", message)
         for wire in wires:
             wire.fail((UpstreamError, f"{wire.method}: {message}"))
-        return [], (UpstreamError, message), 0.0, False
+        return _Outcome([], (UpstreamError, message))
 
     # ---- endpoints -----------------------------------------------------------------
 
@@ -445,20 +567,25 @@ class Pool:
         others = [e for e in self._endpoints if e is not exclude] or self._endpoints
         return min(others, key=lambda e: e.failed_at)
 
-    def _endpoint_failed(self, ep: _Endpoint, why: str) -> None:
+    def _endpoint_failed(self, ep: _Endpoint, why: str, *, now: bool = False) -> None:
+        """Count a failure; down after a few (``now``: at once, e.g. a refused key)."""
         ep.failures += 1
         ep.last_error = why
         ep.failed_at = trio.current_time()
-        if ep.healthy and ep.failures >= _DOWN_AFTER:
+        if len(self._endpoints) > 1:
+            self._failovers[why.split(" (")[0]] += 1  # "HTTP 403", "node behind", "Timeout", ...
+        if ep.healthy and (now or ep.failures >= _DOWN_AFTER):
             ep.healthy = False
+            ep.down_reason = why
             ep.probe_delay = _PROBE_EVERY
             ep.probe_at = ep.failed_at + ep.probe_delay
-            log.warning("upstream %s marked down after %d failures (last: %s)", ep.label, ep.failures, why)
+            log.warning("upstream %s marked down after %d failure(s) (%s)", ep.label, ep.failures, why)
 
     def _endpoint_ok(self, ep: _Endpoint) -> None:
         ep.failures = 0
         if not ep.healthy:
             ep.healthy = True
+            ep.down_reason = None
             log.warning("upstream %s is back up", ep.label)
 
     async def _prober(self) -> None:
@@ -471,6 +598,7 @@ class Pool:
     async def _probe(self, ep: _Endpoint) -> None:
         assert self._client is not None
         await self._limiter.acquire(1.0, priority=Priority.STATE)
+        self.credits.add(ep.label, float(self._cfg.method_costs.get("getHealth", 1)))
         body = {"jsonrpc": "2.0", "id": 0, "method": "getHealth"}
         try:
             with trio.fail_after(min(self._cfg.request_timeout, 10.0)):
@@ -494,7 +622,7 @@ class Pool:
         """A JSON-ready snapshot for /stats and /metrics (URLs redacted)."""
         lat = sorted(self._latency)
         pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1)) if lat else (lambda q: None)
-        rate = self._limiter.observed_rate()
+        credits = self.credits.stats()
         n = self._n
         return {
             "connections": self._cfg.max_connections,
@@ -513,11 +641,26 @@ class Pool:
             "latency_ms": {"p50": pick(0.5), "p99": pick(0.99)},
             "calls_by_method": dict(self._by_method),
             "endpoints": [
-                {"url": e.label, "healthy": e.healthy, "failures": e.failures, "last_error": e.last_error}
+                {
+                    "url": e.label, "healthy": e.healthy, "failures": e.failures, "last_error": e.last_error,
+                    "down_reason": e.down_reason, "refuses_batches": e.refuses_batches,
+                    "credits_total": round(self.credits.total(e.label), 3),
+                    "projected_monthly_credits": round(self.credits.projected_per_month(e.label)),
+                }
                 for e in self._endpoints
             ],
-            "credits_per_second": round(rate, 3),
-            "projected_monthly_credits": round(rate * 30 * 86400),
+            "failovers": dict(self._failovers),
+            "batch_refusals": n["batch_refusals"],
+            "batch_refusing_endpoints": [e.label for e in self._endpoints if e.refuses_batches],
+            "sent_singly": n["sent_singly"],
+            "split_413": n["split_413"],
+            "largest_body_bytes": n["largest_body"],
+            "max_batch_bytes": self._cfg.max_batch_bytes,
+            "requests_per_second": round(self._limiter.observed_rate(), 3),
+            "method_rate_limiters": {m: lim.stats() for m, lim in self._method_limiters.items()},
+            "credits": credits,
+            "credits_per_second": round(credits["projected_per_month"] / (30 * 86400), 6),
+            "projected_monthly_credits": credits["projected_per_month"],
         }
 
     def __repr__(self) -> str:

@@ -1,16 +1,24 @@
-"""The provider's PubSub WebSocket: one account subscription, kept alive.
+"""The provider's PubSub WebSocket: one connection carrying every subscription, kept alive.
 
-``accountSubscribe`` pushes every change of the account (here: the lottery pot) the moment
-it lands on chain. Subscriptions die with the socket, so each reconnect subscribes again
-and calls ``on_subscribed`` so the owner can read the value once (nothing changed while
-disconnected is missed). Reconnects back off exponentially with full jitter.
+``accountSubscribe`` pushes every change of an account (the lottery pot) the moment it
+lands on chain; ``programSubscribe`` pushes every change of an account a program owns that
+matches the filters (a participant joining). Both ask ``dataSlice`` length 0: only
+lamports and addresses travel, which is what providers meter.
+
+Subscriptions die with the socket, so each reconnect subscribes again and calls
+``on_state(True)`` so the owner can read the values once (nothing changed while
+disconnected is missed). Pings go out every ``ping_interval`` (providers close sockets
+idle for 10 minutes); every answered ping calls ``on_alive()``: the subscriptions on this
+socket are live, so what they pushed is still current. Reconnects back off exponentially
+with full jitter.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -24,45 +32,121 @@ log = logging.getLogger("edgestate.upstream.pubsub")
 _CONNECT_TIMEOUT = 10.0
 _MAX_MESSAGE = 1 << 20
 _BACKOFF_BASE, _BACKOFF_CAP = 0.5, 30.0
+_NO_DATA = {"offset": 0, "length": 0}
 
 
 class PubSubError(Exception):
     """A PubSub protocol problem (bad reply, subscription refused)."""
 
 
-class AccountSubscription:
-    """Keeps ``accountSubscribe(pubkey)`` open on ``url`` and reports each change.
+@dataclass(slots=True)
+class AccountWatch:
+    """``accountSubscribe(pubkey)``: ``on_change(lamports or None if gone, slot)``."""
+
+    pubkey: str
+    on_change: Callable[[int | None, int], None]
+    name: str = "account"
+    notifications: int = 0
+
+    def request(self, commitment: str) -> tuple[str, list[Any]]:
+        config = {"encoding": "base64", "commitment": commitment, "dataSlice": _NO_DATA}
+        return "accountSubscribe", [self.pubkey, config]
+
+    def handle(self, method: str, result: Any) -> None:
+        if method != "accountNotification":
+            return
+        try:
+            slot = int(result["context"]["slot"])
+            value = result["value"]
+            lamports = None if value is None else int(value["lamports"])
+        except (KeyError, TypeError, ValueError):
+            raise PubSubError("malformed accountNotification") from None
+        self.notifications += 1
+        self.on_change(lamports, slot)
+
+
+@dataclass(slots=True)
+class ProgramWatch:
+    """``programSubscribe(program, filters)``: ``on_change(pubkey, lamports, slot)``."""
+
+    program_id: str
+    filters: Sequence[Mapping[str, Any]]
+    on_change: Callable[[str, int, int], None]
+    name: str = "program"
+    notifications: int = 0
+
+    def request(self, commitment: str) -> tuple[str, list[Any]]:
+        config = {
+            "encoding": "base64",
+            "commitment": commitment,
+            "dataSlice": _NO_DATA,
+            "filters": [_plain(f) for f in self.filters],
+        }
+        return "programSubscribe", [self.program_id, config]
+
+    def handle(self, method: str, result: Any) -> None:
+        if method != "programNotification":
+            return
+        try:
+            slot = int(result["context"]["slot"])
+            pubkey = result["value"]["pubkey"]
+            lamports = int(result["value"]["account"]["lamports"])
+        except (KeyError, TypeError, ValueError):
+            raise PubSubError("malformed programNotification") from None
+        if not isinstance(pubkey, str) or len(pubkey) > 44:
+            raise PubSubError("programNotification without a pubkey")
+        self.notifications += 1
+        self.on_change(pubkey, lamports, slot)
+
+
+Watch = AccountWatch | ProgramWatch
+
+
+@dataclass(slots=True)
+class _Counters:
+    connects: int = 0
+    reconnects: int = 0
+    pongs: int = 0
+    bytes_received: int = 0
+    last_error: str | None = None
+    by_watch: dict[str, int] = field(default_factory=dict)
+
+
+class PubSub:
+    """Keeps every ``watches`` subscription open on one connection to ``url``.
 
     Args:
         url: the provider's PubSub URL (ws:// or wss://; may carry an API key).
-        pubkey: the account to watch.
+        watches: what to subscribe to; each gets its notifications (sync, fast).
         commitment: commitment level of the notifications.
-        on_change: ``on_change(lamports, slot)`` for every notification (sync, fast).
-        on_state: ``on_state(up)`` when the subscription comes up or goes down.
+        on_state: ``on_state(up)`` when all subscriptions are up, or when they go down.
+        on_alive: called for every answered ping while up.
         ping_interval: keepalive pings; a missing pong for this long drops the socket.
     """
 
     def __init__(
         self,
         url: str,
-        pubkey: str,
+        watches: Sequence[Watch],
         *,
         commitment: str,
-        on_change: Callable[[int, int], None],
         on_state: Callable[[bool], None],
+        on_alive: Callable[[], None] = lambda: None,
         ping_interval: float = 20.0,
     ) -> None:
         self._url = url
-        self._pubkey = pubkey
+        self._watches = list(watches)
         self._commitment = commitment
-        self._on_change = on_change
         self._on_state = on_state
+        self._on_alive = on_alive
         self._ping_interval = ping_interval
         self.up = False
-        self.connects = 0
-        self.reconnects = 0
-        self.notifications = 0
-        self.last_error: str | None = None
+        self._n = _Counters()
+
+    @property
+    def connects(self) -> int:
+        """Connections that got every subscription confirmed."""
+        return self._n.connects
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Subscribe, and resubscribe after every failure, until cancelled."""
@@ -77,74 +161,89 @@ class AccountSubscription:
                 if error is None:
                     raise
                 failures += 1
-                self.last_error = f"{type(error).__name__}: {redact(str(error))}"[:200]
-                log.warning("PubSub %s: %s", redact(self._url), self.last_error)
+                self._n.last_error = f"{type(error).__name__}: {redact(str(error))}"[:200]
+                log.warning("PubSub %s: %s", redact(self._url), self._n.last_error)
             finally:
                 if self.up:
                     self.up = False
                     self._on_state(False)
-            self.reconnects += 1
+            self._n.reconnects += 1
             await trio.sleep(backoff_delay(failures, _BACKOFF_BASE, _BACKOFF_CAP))
+
+    def _pong(self) -> None:
+        self._n.pongs += 1
+        if self.up:
+            self._on_alive()
 
     async def _session(self) -> None:
         async with open_websocket(
             self._url, message_queue_size=16, max_message_size=_MAX_MESSAGE, ping_interval=self._ping_interval,
-            connect_timeout=_CONNECT_TIMEOUT,
+            connect_timeout=_CONNECT_TIMEOUT, on_pong=self._pong,
         ) as conn:
             await self._subscribed(conn)
 
+    async def _receive(self, conn: trio_websocket.WebSocketConnection) -> dict[str, Any]:
+        text = await conn.get_message()
+        self._n.bytes_received += len(text)
+        return json_object(text, PubSubError, "PubSub")
+
     async def _subscribed(self, conn: trio_websocket.WebSocketConnection) -> None:
-        request = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "accountSubscribe",
-            "params": [self._pubkey, {"encoding": "base64", "commitment": self._commitment}],
-        }
-        await conn.send_message(json.dumps(request))
+        waiting: dict[int, Watch] = {}
+        for request_id, watch in enumerate(self._watches, start=1):
+            method, params = watch.request(self._commitment)
+            await conn.send_message(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
+            waiting[request_id] = watch
+        by_subscription: dict[int, Watch] = {}
         with trio.fail_after(_CONNECT_TIMEOUT):
-            while True:
-                reply = _loads(await conn.get_message())
-                if reply.get("id") == 1:
-                    break
-        if "error" in reply or not isinstance(reply.get("result"), int):
-            raise PubSubError(f"accountSubscribe refused: {str(reply.get('error', reply))[:120]}")
-        subscription = reply["result"]
-        self.connects += 1
+            while waiting:
+                reply = await self._receive(conn)
+                rid = reply.get("id")
+                pending = waiting.pop(rid, None) if isinstance(rid, int) else None
+                if pending is None:
+                    self._dispatch(reply, by_subscription)
+                    continue
+                watch = pending
+                result = reply.get("result")
+                if "error" in reply or not isinstance(result, int) or isinstance(result, bool):
+                    method = watch.request(self._commitment)[0]
+                    raise PubSubError(f"{method} refused: {str(reply.get('error', reply))[:120]}")
+                by_subscription[result] = watch
+        self._n.connects += 1
         self.up = True
         self._on_state(True)
-        log.info("PubSub %s: subscribed to %s", redact(self._url), self._pubkey)
+        log.info("PubSub %s: subscribed (%s)", redact(self._url), ", ".join(w.name for w in self._watches))
         while True:
-            message = _loads(await conn.get_message())
-            if message.get("method") != "accountNotification":
-                continue
-            params = message.get("params") or {}
-            if params.get("subscription") != subscription:
-                continue
-            lamports, slot = _parse_notification(params)
-            self.notifications += 1
-            self._on_change(lamports, slot)
+            self._dispatch(await self._receive(conn), by_subscription)
+
+    def _dispatch(self, message: dict[str, Any], by_subscription: dict[int, Watch]) -> None:
+        params = message.get("params")
+        if not isinstance(params, dict):
+            return
+        watch = by_subscription.get(params.get("subscription"))  # type: ignore[arg-type]
+        if watch is not None:
+            watch.handle(str(message.get("method")), params.get("result"))
 
     def stats(self) -> dict[str, Any]:
+        """JSON-ready; the URL redacted."""
+        n = self._n
         return {
             "url": redact(self._url),
             "up": self.up,
-            "subscriptions_made": self.connects,
-            "reconnects": self.reconnects,
-            "notifications": self.notifications,
-            "last_error": self.last_error,
+            "subscriptions": [w.name for w in self._watches],
+            "subscriptions_made": n.connects,
+            "reconnects": n.reconnects,
+            "pongs": n.pongs,
+            "bytes_received": n.bytes_received,
+            "notifications": sum(w.notifications for w in self._watches),
+            "notifications_by_subscription": {w.name: w.notifications for w in self._watches},
+            "last_error": n.last_error,
         }
 
 
-def _loads(text: str | bytes) -> dict[str, Any]:
-    return json_object(text, PubSubError, "PubSub")
-
-
-def _parse_notification(params: dict[str, Any]) -> tuple[int, int]:
-    try:
-        result = params["result"]
-        slot = int(result["context"]["slot"])
-        value = result["value"]
-        lamports = 0 if value is None else int(value["lamports"])
-    except (KeyError, TypeError, ValueError):
-        raise PubSubError("malformed accountNotification") from None
-    return lamports, slot
+def _plain(value: Any) -> Any:
+    """Config mappings (MappingProxyType) as plain JSON-ready dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

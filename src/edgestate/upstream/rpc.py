@@ -21,15 +21,25 @@ from ..cache import Cache, cache_key
 from ..errors import UpstreamError
 from .pool import Pool
 from .ratelimit import Priority
+from .tokens import (
+    CLOCK_SYSVAR,
+    TOKEN_2022_PROGRAM_ID,
+    TOKEN_PROGRAM_ID,
+    MintInfo,
+    NotAMint,
+    clock_unix_timestamp,
+    parse_mint,
+    ui_amount,
+)
 
 T = TypeVar("T")
 
-TOKEN_PROGRAM_ID = "TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA"
-# The real Token-2022 id (the "TokenzQdBNbQqGUTy..." string in the brief is not a valid key).
-TOKEN_2022_PROGRAM_ID = "TokenzQdBNbLqP5VEhdkAS6EPFLC1PHnBqCXEpPxuEb"
-_TOKEN_PROGRAMS = frozenset({TOKEN_PROGRAM_ID, TOKEN_2022_PROGRAM_ID})
-_MINT_LEN = 82  # SPL mint base layout; Token-2022 mints may be longer (extensions)
+__all__ = ["TOKEN_2022_PROGRAM_ID", "TOKEN_PROGRAM_ID", "AccountData", "InvalidMint", "SolanaRpc", "Slotted"]
 _GMA_MAX = 100
+# A mint's decimals never change and its UI extensions (interest rate, multiplier) rarely
+# do; a scheduled multiplier change is applied by its timestamp. Read once, keep this long.
+MINT_INFO_TTL = 600.0
+_TOKEN_SLICE = (0, 72)  # mint (0..32), owner (32..64), amount (64..72): nothing else travels
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +144,11 @@ class SolanaRpc:
         self._pool = pool
         self._cache = cache
         self._commitment = commitment
+
+    @property
+    def pool(self) -> Pool:
+        """The upstream pool these reads go through (its credit meter, its stats)."""
+        return self._pool
 
     async def _read(
         self, method: str, params: list[Any], parse: Callable[[Any], Slotted[T]], priority: Priority, cached: bool
@@ -251,6 +266,26 @@ class SolanaRpc:
             ValueError: ``program_id`` is not a valid public key.
             UpstreamError: the upstream failed or answered an unexpected shape.
         """
+        keys = await self.program_account_keys(program_id, filters, priority=priority, cached=cached)
+        return Slotted(len(keys.value), keys.slot, stale=keys.stale, age=keys.age)
+
+    async def program_account_keys(
+        self,
+        program_id: str | Pubkey,
+        filters: Sequence[Mapping[str, Any]],
+        *,
+        priority: Priority = Priority.USER,
+        cached: bool = True,
+    ) -> Slotted[frozenset[str]]:
+        """The addresses of the accounts ``program_id`` owns matching ``filters``.
+
+        ``dataSlice`` length 0: only the addresses travel. The participant count starts
+        from this set, and programSubscribe notifications then add to it.
+
+        Raises:
+            ValueError: ``program_id`` is not a valid public key.
+            UpstreamError: the upstream failed or answered an unexpected shape.
+        """
         pid = _pubkey(program_id, "program id")
         config = {
             "commitment": self._commitment,
@@ -260,22 +295,57 @@ class SolanaRpc:
             "withContext": True,
         }
 
-        def parse(reply: Any) -> Slotted[int]:
+        def parse(reply: Any) -> Slotted[frozenset[str]]:
             # Some providers ignore withContext and answer a bare list.
             slot, value = (0, reply) if isinstance(reply, list) else _context("getProgramAccounts", reply)
             if not isinstance(value, list):
                 raise _bad("getProgramAccounts", f"value is {type(value).__name__}, not a list")
-            return Slotted(len(value), slot)
+            keys = set()
+            for item in value:
+                key = item.get("pubkey") if isinstance(item, dict) else None
+                if not isinstance(key, str) or len(key) > 44:
+                    raise _bad("getProgramAccounts", f"an item without a pubkey: {str(item)[:80]}")
+                keys.add(key)
+            return Slotted(frozenset(keys), slot)
 
         return await self._read("getProgramAccounts", [pid, config], parse, priority, cached)
 
+    async def mint_info(self, mint: str, *, priority: Priority = Priority.USER) -> MintInfo:
+        """The mint's program, decimals and UI extensions (read once, kept MINT_INFO_TTL).
+
+        Raises:
+            ValueError: ``mint`` is not a valid public key.
+            InvalidMint: the mint does not exist or is not an initialized token mint.
+            UpstreamError: the upstream failed or answered an unexpected shape.
+        """
+        key = _pubkey(mint, "mint")
+
+        async def fetch() -> MintInfo:
+            acct = (await self.get_account(key, priority=priority, cached=False)).value
+            if acct is None:
+                raise InvalidMint(f"mint {key} not found")
+            try:
+                return parse_mint(acct.owner, acct.data)
+            except NotAMint as exc:
+                raise InvalidMint(f"{key} is not an SPL Token or Token-2022 mint: {exc}") from None
+
+        hit = await self._cache.get_or_fetch(cache_key("mintInfo", [key], self._commitment), fetch,
+                                             method="mintInfo", ttl=MINT_INFO_TTL)
+        info: MintInfo = hit.value
+        return info
+
     async def get_token_balances(
         self, wallets: Sequence[str], mint: str, *, priority: Priority = Priority.USER
-    ) -> dict[str, float]:
+    ) -> dict[str, float | None]:
         """UI token balances of ``wallets`` for ``mint`` (no token account → 0).
 
-        Reads the mint once (cached) to learn its program (SPL Token or Token-2022) and
-        decimals, then every wallet's associated token account in chunks of 100.
+        What counts is each wallet's *associated* token account for the mint (the address
+        derived from wallet, token program and mint), read 100 at a time with
+        getMultipleAccounts, and only when it is a token account of this mint's program
+        holding this mint for this wallet (mint and owner bytes checked). The uiAmount is
+        the RPC's own (decimals, and the Token-2022 InterestBearing / ScaledUiAmount
+        extensions at the chain's clock, read in the same call); ``None`` where the RPC's
+        uiAmount is ``null`` (a non-finite result).
 
         Raises:
             ValueError: a wallet or the mint is not a valid public key (named).
@@ -284,19 +354,14 @@ class SolanaRpc:
         """
         owners = {w: Pubkey.from_string(_pubkey(w, "wallet")) for w in wallets}
         mint_key = Pubkey.from_string(_pubkey(mint, "mint"))
-        acct = (await self.get_account(mint, priority=priority)).value
-        if acct is None:
-            raise InvalidMint(f"mint {mint} not found")
-        if acct.owner not in _TOKEN_PROGRAMS or len(acct.data) < _MINT_LEN or acct.data[45] != 1:
-            raise InvalidMint(f"{mint} is not an initialized SPL Token or Token-2022 mint")
-        decimals = acct.data[44]
-        program = Pubkey.from_string(acct.owner)
+        info = await self.mint_info(mint, priority=priority)
+        program = Pubkey.from_string(info.program)
         atas = {w: str(get_associated_token_address(o, mint_key, program)) for w, o in owners.items()}
         unique = list(dict.fromkeys(atas.values()))
-        # Balances are cached per token account (i.e. per wallet and mint) for a short
+        # UI balances are cached per token account (i.e. per wallet and mint) for a short
         # TTL (cache.method_ttls.tokenBalance, else cache.ttl): repeated and overlapping
         # requests only read the accounts not seen recently.
-        amounts: dict[str, int] = {}
+        amounts: dict[str, float | None] = {}
         missing: list[str] = []
         for ata in unique:
             hit = self._cache.get(cache_key("tokenBalance", [ata], self._commitment))
@@ -305,18 +370,39 @@ class SolanaRpc:
             else:
                 amounts[ata] = hit.value
         if missing:
-            # Only mint (0..32) and amount (64..72) are needed: slice the data.
-            got = await self.get_multiple_accounts(missing, priority=priority, data_slice=(0, 72), cached=False)
-            for ata, tok in zip(missing, got.value):
-                # Anything but a token account of this mint counts as "no account".
-                if tok is None or tok.owner != acct.owner or len(tok.data) < 72 or tok.data[:32] != bytes(mint_key):
-                    amounts[ata] = 0
-                else:
-                    amounts[ata] = int.from_bytes(tok.data[64:72], "little")
+            # The clock rides along in the same call when the uiAmount depends on time.
+            keys = missing + [CLOCK_SYSVAR] if info.needs_clock else missing
+            got = (await self.get_multiple_accounts(keys, priority=priority, data_slice=_TOKEN_SLICE,
+                                                    cached=False)).value
+            now: int | None = None
+            if info.needs_clock:
+                clock = got[-1]
+                if clock is None:
+                    raise UpstreamError("getMultipleAccounts: the Clock sysvar is missing")
+                try:
+                    now = clock_unix_timestamp(clock.data)
+                except ValueError as exc:
+                    raise UpstreamError(f"getMultipleAccounts: {exc}") from None
+            wallet_of = {ata: owners[w] for w, ata in atas.items()}
+            for ata, tok in zip(missing, got):
+                raw = _token_amount(tok, info.program, bytes(mint_key), bytes(wallet_of[ata]))
+                amounts[ata] = ui_amount(raw, info, now)
                 self._cache.put(cache_key("tokenBalance", [ata], self._commitment), amounts[ata],
                                 method="tokenBalance")
-        scale = 10**decimals
-        return {w: amounts[ata] / scale for w, ata in atas.items()}
+        return {w: amounts[ata] for w, ata in atas.items()}
+
+
+def _token_amount(tok: AccountData | None, program: str, mint: bytes, owner: bytes) -> int:
+    """The raw amount of a sliced (0..72) token account; 0 for anything else.
+
+    Anything but a token account of the mint's program, of this mint, owned by this
+    wallet counts as "no account" (balance 0).
+    """
+    if tok is None or tok.owner != program or len(tok.data) < 72:
+        return 0
+    if tok.data[:32] != mint or tok.data[32:64] != owner:
+        return 0
+    return int.from_bytes(tok.data[64:72], "little")
 
 
 def _plain(value: Any) -> Any:
