@@ -254,3 +254,29 @@ def _peer(stream: trio.SocketStream) -> str:
         return f"{host}:{port}"
     except OSError:
         return "?"
+
+
+async def accept_upgrade(stream: trio.SocketStream, cfg: Config) -> bytes | None:
+    """Read and answer a WebSocket upgrade for another endpoint (e.g. /rpc).
+
+    Same checks as /ws (Upgrade headers, version 13, key, Origin allowlist). Returns
+    the bytes read past the request head (the first frames), or None when refused
+    (the HTTP error was sent).
+    """
+    try:
+        head, rest = await _read_head(stream)
+        _path, headers = _parse_head(head)
+        key = _check_upgrade(headers, cfg)
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"sec-websocket-accept: " + wsframes.accept_key(key).encode() + b"\r\n\r\n"
+        )
+    except HandshakeError as exc:
+        try:
+            await stream.send_all(_http_error(exc.status, exc.code, exc.message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        return None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return None
+    return rest
