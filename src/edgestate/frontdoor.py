@@ -29,6 +29,7 @@ _HEAD_TIMEOUT = 10.0  # to receive a whole request head
 
 class Kind(enum.Enum):
     WEBSOCKET = "ws"
+    RPC_WS = "rpc-ws"  # GET /rpc with Upgrade: websocket (Solana PubSub, rpc/session.py)
     FAST = "fast"
     OTHER = "other"
 
@@ -69,6 +70,8 @@ def classify(head: bytes | None, is_fast: Callable[[str], bool]) -> Kind:
     method, target = parts[0], parts[1]
     if method == b"GET" and (target == b"/ws" or target.startswith(b"/ws?")):
         return Kind.WEBSOCKET
+    if method == b"GET" and target.split(b"?")[0] == b"/rpc" and b"upgrade: websocket" in head.lower():
+        return Kind.RPC_WS
     if method in (b"GET", b"HEAD") and parts[2] == b"HTTP/1.1" and is_fast(target.decode("latin-1")):
         return Kind.FAST
     return Kind.OTHER

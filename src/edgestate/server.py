@@ -41,6 +41,7 @@ from .config import Config, redact
 from .errors import EdgeStateError
 from .feed import ParentFeed, ParentPrices, ParentRpc
 from .refresh import Refresher
+from .rpc import RpcService
 from .state import SharedState
 from .upstream.pool import Pool
 from .upstream.prices import PriceClient
@@ -73,6 +74,7 @@ class Services:
     prices: PriceClient | ParentPrices
     refresher: Refresher | None
     feed: ParentFeed | None = None
+    rpc_proxy: RpcService | None = None  # /rpc (issue 12); None in feed mode or with rpc.enabled = false
     # Set by workers.py in a worker process: {"id", "pid", "role", ...}; /stats server.worker.
     worker: dict[str, Any] | None = None
     started_at: float = field(default_factory=trio.current_time)
@@ -111,6 +113,7 @@ def build_services(cfg: Config) -> Services:
         prices=prices,
         refresher=refresher,
         feed=feed,
+        rpc_proxy=RpcService(cfg, pool, cache, limiter) if pool is not None and cfg.rpc.enabled else None,
     )
 
 
@@ -257,6 +260,9 @@ async def serve(
             await services_nursery.start(services.prices.run)
             await services_nursery.start(services.hub.run)
             await services_nursery.start(services.refresher.run)
+        if services.rpc_proxy is not None:
+            services.extra_stats["rpc"] = services.rpc_proxy.stats
+            await services_nursery.start(services.rpc_proxy.run)
         app = create_app(services)
         http = EmbeddedHypercorn(app, cfg)
         raw_http = frontdoor.RawHttp(app)
@@ -272,6 +278,8 @@ async def serve(
                     kind = frontdoor.classify(head, raw_http.is_fast)
                     if kind is frontdoor.Kind.WEBSOCKET:
                         await serve_ws(stream, services.hub, cfg)
+                    elif kind is frontdoor.Kind.RPC_WS and services.rpc_proxy is not None:
+                        await services.rpc_proxy.serve_ws(stream)
                     elif kind is frontdoor.Kind.FAST and head is not None and await raw_http.serve(stream, head):
                         pass
                     else:

@@ -18,6 +18,7 @@ import trio
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
+from . import txs
 from .world import FAULT_DEFAULTS, HANG_SECONDS, World, b58encode, parse_pubkey
 
 API_VERSION = "2.0.15"
@@ -197,6 +198,7 @@ METHODS: dict[str, Callable[[World, Any], Any]] = {
     "getProgramAccounts": _get_program_accounts,
     "getTokenAccountBalance": _get_token_account_balance,
 }
+METHODS.update({k: v for k, v in txs.methods(RpcFault, account_json).items() if k not in METHODS})  # issue 12
 
 
 def _rpc_error(code: int, message: str, req_id: Any) -> dict[str, Any]:
@@ -216,7 +218,10 @@ def _call(world: World, item: Any) -> dict[str, Any]:
         return {"jsonrpc": "2.0", "result": handler(world, item.get("params")), "id": req_id}
     except RpcFault as fault:
         world.count("rpc_errors")
-        return _rpc_error(fault.code, fault.message, req_id)
+        error = _rpc_error(fault.code, fault.message, req_id)
+        if getattr(fault, "data", None) is not None:  # e.g. a failed preflight's logs (sim/txs.py)
+            error["error"]["data"] = fault.data  # type: ignore[attr-defined]
+        return error
 
 
 async def _apply_fault(world: World, *, rpc: bool) -> Response | None:
@@ -335,6 +340,7 @@ def create_sim_app(world: World) -> QuartTrio:
                     await _pubsub_request(world, session, message)
         finally:
             world.close_session(session)
+            txs.close_session(world, session)
         return None
 
     @app.get("/control/stats")
@@ -464,7 +470,8 @@ async def _pubsub_request(world: World, session: Any, message: str | bytes) -> N
             await _send({"jsonrpc": "2.0", "result": True, "id": req_id})
             return
         else:
-            raise RpcFault(-32601, "Method not found")
+            await txs.pubsub_request(world, session, item, _send)  # signatureSubscribe (issue 12)
+            return
     except RpcFault as fault:
         await _send(_rpc_error(fault.code, fault.message, req_id))
         return
@@ -481,7 +488,7 @@ async def _pump(world: World, session: Any, scope: trio.CancelScope) -> None:
             await websocket.close(1012, "simulated drop")
             scope.cancel()
             return
-        pending = world.pending_notifications(session)
+        pending = world.pending_notifications(session) + txs.pending_notifications(world, session)
         if not pending:
             # No checkpoint between the check above and this wait: no lost wake-ups.
             await world.wait_changed()
@@ -492,6 +499,8 @@ async def _pump(world: World, session: Any, scope: trio.CancelScope) -> None:
                 value = account_json(world, pubkey, {"encoding": encoding})
                 params = {"result": {"context": {"slot": world.slot}, "value": value}, "subscription": sub}
                 await _send({"jsonrpc": "2.0", "method": "accountNotification", "params": params})
+            elif kind == "signature":  # sim/txs.py
+                await _send({"jsonrpc": "2.0", "method": "signatureNotification", "params": {"result": payload, "subscription": sub}})
             else:
                 result = {"parent": payload - 1, "root": max(0, payload - 32), "slot": payload}
                 await _send({"jsonrpc": "2.0", "method": "slotNotification", "params": {"result": result, "subscription": sub}})
