@@ -370,3 +370,14 @@ def test_canonical_params_share_one_cache_key() -> None:
     assert pol.ttl("getAccountInfo", [account, {"commitment": "processed"}]) == 0
     assert pol.ttl("getGenesisHash", []) == policy.IMMUTABLE_TTL
     assert pol.ttl("sendTransaction", ["x"]) == 0
+
+
+def test_rpc_config_keys_are_checked() -> None:
+    with pytest.raises(config.ConfigError, match="rpc.allowed_methods: the proxy cannot serve 'requestAirdrop'"):
+        config.from_dict({"rpc": {"allowed_methods": ["getSlot", "requestAirdrop"]}}, source="t", environ={})
+    with pytest.raises(config.ConfigError, match=r"rpc.allowed_programs\[0\]: not a valid Solana public key"):
+        config.from_dict({"rpc": {"allowed_programs": ["nope"]}}, source="t", environ={})
+    with pytest.raises(config.ConfigError, match="rpc.max_batch: must be > 0"):
+        config.from_dict({"rpc": {"max_batch": 0}}, source="t", environ={})
+    cfg = config.from_dict({}, source="t", environ={"EDGESTATE_RPC_PER_CLIENT_RPS": "0"})
+    assert cfg.rpc.per_client_rps == 0 and "sendTransaction" in cfg.rpc.allowed_methods
