@@ -1,4 +1,4 @@
-"""python -m bench {all,fanout,http,amplification,balances,pool,soak,scaleout,report} [--quick|--full]
+"""python -m bench {all,fanout,http,amplification,balances,pool,soak,scaleout,rpc,report} [--quick|--full]
 
 Installs what it needs when missing (apt-get: nginx, libnginx-mod-nchan, wrk; npm: ws in
 bench/loadclient; pip: matplotlib for the plots), starts everything on loopback, runs bounded
@@ -20,7 +20,7 @@ import time
 from . import common
 from .common import log
 
-SCENARIOS = ("fanout", "http", "amplification", "balances", "pool", "soak", "scaleout")
+SCENARIOS = ("fanout", "http", "amplification", "balances", "pool", "soak", "scaleout", "rpc")
 
 
 def _deps(need_nginx: bool, need_wrk: bool, need_node: bool) -> dict[str, bool]:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     todo = SCENARIOS if args.scenario == "all" else (() if args.scenario == "report" else (args.scenario,))
     if args.scenario == "all" and not full:
-        todo = tuple(s for s in todo if s not in ("soak", "scaleout"))
+        todo = tuple(s for s in todo if s not in ("soak", "scaleout", "rpc"))
     deps = _deps(need_nginx=bool({"fanout", "http", "amplification"} & set(todo)),
                  need_wrk="http" in todo,
                  need_node=bool({"fanout", "amplification", "soak", "scaleout"} & set(todo)))
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                 from . import scaleout
                 ns = [int(x) for x in args.ns.split(",")] if args.ns else [20_000, 50_000, 100_000]
                 scaleout.run(ns, workers=args.workers, updates=10, rate=args.rate)
+            elif name == "rpc":  # issue 12: /rpc subscriptions shared, signature statuses merged
+                from . import rpc
+                rpc.run([int(x) for x in args.ns.split(",")] if args.ns else ([1000, 10000] if full else [10000]))
             elif name == "soak":
                 if not deps["node"]:
                     continue
