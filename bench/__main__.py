@@ -1,4 +1,4 @@
-"""python -m bench {all,fanout,http,amplification,balances,pool,soak,scaleout,rpc,report} [--quick|--full]
+"""python -m bench {all,fanout,http,amplification,balances,pool,soak,scaleout,report} [--quick|--full]
 
 Installs what it needs when missing (apt-get: nginx, libnginx-mod-nchan, wrk; npm: ws in
 bench/loadclient; pip: matplotlib for the plots), starts everything on loopback, runs bounded
@@ -9,6 +9,9 @@ from bench/results/*.json (each scenario run replaces its own results file).
             balances 10/100/1000, pool overhead 2,000 calls + 5 s coalescing mix
   --full    fan-out 1k/5k/10k/19k (20 updates each), HTTP 10 s, amplification 1k/10k/19k
             with 30 s windows, balances, soak 10k clients × 10 min
+  attack    a client's GET latency alone and while 3,000 connections hold half-done requests
+  parse     CPU per request head: llhttp (heads.py) vs h11
+  --baseline PATH   run each scenario against a checkout of the previous code first, in the same run
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from . import common
 from .common import log
 
-SCENARIOS = ("fanout", "http", "amplification", "balances", "pool", "soak", "scaleout", "rpc")
+SCENARIOS = ("fanout", "http", "attack", "parse", "amplification", "balances", "pool", "soak", "scaleout", "rpc")
 
 
 def _deps(need_nginx: bool, need_wrk: bool, need_node: bool) -> dict[str, bool]:
@@ -49,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-minutes", type=float, default=10.0)
     p.add_argument("--workers", type=int, default=6, help="scaleout: worker processes (default 6)")
     p.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md")
+    p.add_argument("--baseline", metavar="PATH",
+                   help="a checkout of today's code: each scenario runs against it first (saved as "
+                        "<scenario>-baseline.json), then against this code, in the same run")
     args = p.parse_args(argv)
     full = args.full
     common.COMMAND[0] = "python -m bench " + " ".join(argv)
@@ -61,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                  need_node=bool({"fanout", "amplification", "soak", "scaleout"} & set(todo)))
     t0 = time.monotonic()
     failed = []
-    for name in todo:
-        log(f"=== {name} ({'full' if full else 'quick'})")
+    runs = [(name, base) for name in todo for base in ([args.baseline, None] if args.baseline else [None])]
+    for name, base in runs:
+        common.BASELINE[0] = base
+        log(f"=== {name} ({'full' if full else 'quick'}){' on the baseline ' + base if base else ''}")
         try:
             if name == "fanout":
                 if not deps["node"]:
@@ -75,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 from . import httpbench
                 httpbench.run(duration=10 if full else 5, with_nginx=deps["nginx"])
+            elif name == "parse":
+                from . import parse
+                parse.run()
+            elif name == "attack":
+                from . import attack
+                attack.run()
             elif name == "amplification":
                 if not (deps["node"] and deps["nginx"]):
                     log("SKIP amplification: needs node and nginx")

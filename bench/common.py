@@ -279,12 +279,23 @@ def ensure_node_client() -> bool:
 
 
 COMMAND = ["python -m bench"]  # set by __main__ to the command line actually run
+# `--baseline PATH`: the edgestate processes run that checkout's src/ (today's code), and
+# results are saved as <scenario>-baseline.json, for before/after figures from one run.
+BASELINE: list[str | None] = [None]
+
+
+def edgestate_env() -> dict[str, str]:
+    """Environment for an edgestate process: the baseline's sources when one is being run."""
+    return {"PYTHONPATH": str(Path(BASELINE[0]) / "src")} if BASELINE[0] else {}
 
 
 def save_result(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     data.setdefault("command", COMMAND[0])
     data["machine"]["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
+    if BASELINE[0]:
+        data["baseline"] = BASELINE[0]
+        name += "-baseline"
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
     return path

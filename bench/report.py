@@ -180,6 +180,92 @@ def http_section(res: dict[str, Any], plt: Any) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------ attack
+def _attack_rows(res: dict[str, Any], label: str) -> list[str]:
+    a, u = res["alone"], res["under_attack"]
+    return [
+        f"| {label} | {_fmt(a['p50_ms'], 2)} / {_fmt(a['p99_ms'], 2)} ms | {_fmt(u['p50_ms'], 2)} / "
+        f"{_fmt(u['p99_ms'], 2)} ms | {_fmt(res.get('p99_ratio'), 2)}x | {_fmt(a.get('server_cpu_pct'))} % | "
+        f"{_fmt(res['server_cpu_pct'])} % | {_fmt(res['server_rss_mb']['before'])} → "
+        f"{_fmt(res['server_rss_mb']['during'])} MB | {_fmt(res['closed_by_server'])} of {_fmt(res['attack']['opened'])}"
+        f" | {_fmt(res['close_s']['p50'])} / {_fmt(res['close_s']['max'])} s |"
+    ]
+
+
+def attack_section(res: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
+    at = res["attack"]
+    out = [
+        "## Attack: a legitimate client while 3,000 connections hold half-done requests",
+        "",
+        f"Command: `{res.get('command')}` · machine: {machine_line(res['machine'])} · server on core 0, the "
+        f"attacker (bench/attacker.py) and the client on core 1. The attacker opens {at['heads']:,} connections "
+        f"that send half a request head, {at['ws_handshakes']:,} half /ws handshakes and {at['post_bodies']:,} "
+        "POSTs that announce 60,000 body bytes and send 13, from ten loopback addresses, then sends nothing. The "
+        "client makes 200 GET /api/state, each on a new connection, alone and during the hold (measured "
+        f"{at.get('settle_s', 0)} s after the last attacker connection opened). Server CPU is its CPU time over "
+        f"the client's window. Connections the server had not closed after {at['hold_limit_s']:g} s count as "
+        "never closed.",
+        "",
+        "| code | client p50 / p99 alone | under attack | p99 ratio | server CPU alone | during hold | server RSS |"
+        " closed by the server | time to close p50 / max |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    if before:
+        out += _attack_rows(before, "before (" + str(before.get("baseline", "baseline")) + ")")
+    out += _attack_rows(res, "this code")
+    return out
+
+
+def parse_section(res: dict[str, Any]) -> list[str]:
+    out = ["## Head parsing: llhttp vs h11", "",
+           f"Command: `{res.get('command')}` · machine: {machine_line(res['machine'])} · one {res['head_bytes']}-byte "
+           "browser-like GET head, best of 5 × "
+           f"{res['number']:,}. Why heads.py uses llhttp (httptools): the in-memory routes spend ~100 µs of CPU "
+           "per request in all, so h11's cost would show directly in their requests/s.", "",
+           "| parser | µs per head |", "|---|---:|"]
+    out += [f"| {r['parser']} | {_fmt(r['us_per_head'], 2)} |" for r in res["rows"]]
+    return out
+
+
+def before_after_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Scenarios run with --baseline: today's code and this code, back to back in one run."""
+    out = ["## Before / after (`--baseline`: the same scenario against the previous code, same run)", ""]
+    http_b, http_a = results.get("http-baseline"), results.get("http")
+    if http_b and http_a:
+        out += [f"HTTP, `{http_a.get('command')}` · {machine_line(http_a['machine'])}:", "",
+                "| target | before req/s | after req/s | ratio | before p99 | after p99 |", "|---|---:|---:|---:|---:|---:|"]
+        before = {r["target"]: r for r in http_b["rows"]}
+        for r in http_a["rows"]:
+            b = before.get(r["target"])
+            if b:
+                out.append(f"| {r['target']} | {_fmt(b['rps'], 0)} | {_fmt(r['rps'], 0)} | {_ratio(r['rps'], b['rps'])} "
+                           f"| {_fmt(b['p99_ms'], 2)} ms | {_fmt(r['p99_ms'], 2)} ms |")
+        out.append("")
+    fan_b, fan_a = results.get("fanout-baseline"), results.get("fanout")
+    if fan_b and fan_a:
+        out += [f"Fan-out, `{fan_a.get('command')}` · {machine_line(fan_a['machine'])}; each relative to nginx+nchan "
+                "measured in the same scenario run:", "",
+                "| N | CPU/client vs nchan before | after | RSS/conn vs nchan before | after | missing before / after |",
+                "|---:|---:|---:|---:|---:|---:|"]
+
+        def rel(res: dict[str, Any]) -> dict[int, tuple[Any, Any, Any]]:
+            es = {r["n"]: r for r in res["rows"] if r["server"] == "edgestate"}
+            ng = {r["n"]: r for r in res["rows"] if r["server"] == "nchan"}
+            return {n: (_ratio(es[n].get("cpu_per_client_us"), ng.get(n, {}).get("cpu_per_client_us")),
+                        _ratio(es[n].get("rss_per_conn_kb"), ng.get(n, {}).get("rss_per_conn_kb")),
+                        es[n].get("missing")) for n in es}
+
+        rb, ra = rel(fan_b), rel(fan_a)
+        for n in sorted(ra):
+            if n in rb:
+                out.append(f"| {n:,} | {rb[n][0]} | {ra[n][0]} | {rb[n][1]} | {ra[n][1]} | {_fmt(rb[n][2])} / "
+                           f"{_fmt(ra[n][2])} |")
+        out.append("")
+    if len(out) == 2:
+        out += ["Not run yet: `python -m bench http --baseline PATH` (PATH: a checkout of the previous code).", ""]
+    return out
+
+
 # ------------------------------------------------------------------ amplification
 def amplification_section(res: dict[str, Any], plt: Any) -> list[str]:
     rows = res["rows"]
@@ -464,6 +550,13 @@ def write() -> Path:
         "",
     ]
     lines += expected_section(results) + [""]
+    lines += before_after_section(results) + [""]
+    if "parse" in results:
+        lines += parse_section(results["parse"]) + [""]
+    if "attack" in results:
+        lines += attack_section(results["attack"], results.get("attack-baseline")) + [""]
+    else:
+        lines += ["## attack", "", "Not run yet: `python -m bench attack`.", ""]
     for name, fn in (("fanout", fanout_section), ("http", http_section), ("amplification", amplification_section),
                      ("balances", balances_section), ("pool", pool_section), ("scaleout", scaleout_section),
                      ("soak", soak_section), ("rpc", rpc_section)):

@@ -58,6 +58,7 @@ def _config(stack: Stack, path: Path, port: int, extra_server: str = "", extra_u
     path.write_text(
         f"""[server]
 bind = "127.0.0.1:{port}"
+max_connections_per_client = 0
 {extra_server}
 [upstream]
 {extra_upstream}

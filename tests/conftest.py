@@ -8,7 +8,8 @@ import pytest
 import trio
 
 from edgestate import config
-from edgestate.server import Services, serve
+from edgestate.server import serve
+from edgestate.services import Services
 from edgestate.sim import World, serve_simulator
 
 

@@ -5,24 +5,10 @@ from __future__ import annotations
 import trio
 from solders.pubkey import Pubkey
 
-from edgestate import frontdoor
 from tests.conftest import make_config, start_server, wait_for
 from tests.wsclient import WsClient
 
 FAR = {"polling_interval": 3600.0, "participants_interval": 3600.0, "price_interval": 3600.0}
-PATHS = frozenset({"/api/state"}).__contains__
-
-
-def test_classify():
-    assert frontdoor.classify(b"GET /ws HTTP/1.1\r\n\r\n", PATHS) is frontdoor.Kind.WEBSOCKET
-    assert frontdoor.classify(b"GET /ws?x=1 HTTP/1.1\r\n\r\n", PATHS) is frontdoor.Kind.WEBSOCKET
-    assert frontdoor.classify(b"GET /api/state HTTP/1.1\r\n\r\n", PATHS) is frontdoor.Kind.FAST
-    assert frontdoor.classify(b"HEAD /api/state HTTP/1.1\r\n\r\n", PATHS) is frontdoor.Kind.FAST
-    assert frontdoor.classify(b"GET /api/state?x HTTP/1.1\r\n\r\n", PATHS) is frontdoor.Kind.OTHER
-    assert frontdoor.classify(b"GET /api/state HTTP/1.0\r\n\r\n", PATHS) is frontdoor.Kind.OTHER
-    assert frontdoor.classify(b"POST /api/state HTTP/1.1\r\n\r\n", PATHS) is frontdoor.Kind.OTHER
-    assert frontdoor.classify(b"GET /wsx HTTP/1.1\r\n\r\n", PATHS) is frontdoor.Kind.OTHER
-    assert frontdoor.classify(None, PATHS) is frontdoor.Kind.OTHER
 
 
 async def test_keep_alive_raw_then_handoff_and_pipelining(nursery, sim):

@@ -12,7 +12,7 @@ import httpx
 import trio
 
 from edgestate import config
-from edgestate.server import open_listener
+from edgestate.listen import open_listener
 
 FAR = {"polling_interval": 3600.0, "participants_interval": 3600.0, "price_interval": 3600.0}
 

@@ -179,6 +179,7 @@ class Hub:
         self.peak = 0
         self.connected_total = 0
         self.refused_full = 0
+        self.refused_handshake = 0  # upgrade requests answered 4xx (bad, wrong origin)
         self.conflated = 0
         self.slow_closed = 0
         self.dead_closed = 0
@@ -284,6 +285,7 @@ class Hub:
             "max_clients": self._cfg.max_clients,
             "connected_total": self.connected_total,
             "refused_full": self.refused_full,
+            "refused_handshake": self.refused_handshake,
             "updates": self.broadcasts,
             "frames_sent": self.frames_sent,
             "conflated": self.conflated,

@@ -64,7 +64,7 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 
 async def _simulate(cfg: config.Config, bind: str, demo: bool) -> None:
-    from .server import ListenError
+    from .errors import ListenError
     from .sim import World, run_demo_drift, serve_simulator
 
     world = World.from_config(cfg)

@@ -70,6 +70,14 @@ class ServerConfig:
     workers: int = 1
     # SO_REUSEPORT on the listening socket: several processes share one port.
     reuse_port: bool = False
+    # Connection limits, as nginx's client_header_timeout, keepalive_timeout,
+    # client_body_timeout, large_client_header_buffers and limit_conn.
+    header_timeout: float = 10.0  # seconds to receive a whole request head
+    keepalive_timeout: float = 5.0  # idle seconds between two requests of a connection
+    body_timeout: float = 10.0  # seconds between two reads of a request body
+    max_header_bytes: int = 16384  # a request head larger than this is answered 431
+    max_connections: int = 100000  # open connections in all (capped by the open-files limit)
+    max_connections_per_client: int = 1000  # per client address (trusted proxies exempt); 0 = off
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,6 +253,7 @@ _MAY_BE_ZERO = {
     ("upstream", "max_retries"),
     ("cache", "max_stale"),
     ("server", "graceful_timeout"),
+    ("server", "max_connections_per_client"),
     ("upstream", "batch_window_ms"),
     ("upstream", "credits_per_month"),
     ("rpc", "per_client_rps"),
@@ -368,6 +377,8 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
         _check_url(value, where, ("http", "https"))
     if (section, key) == ("server", "bind"):
         _check_bind(value, where)
+    if (section, key) == ("server", "max_header_bytes") and value < 1024:
+        raise ConfigError(f"{where}: must be at least 1024 bytes, got {value}")
     if (section, key) == ("upstream", "max_batch_size") and value > 100:
         raise ConfigError(f"{where}: at most 100 calls per batch, got {value}")
     if (section, key) == ("lottery", "participant_filters"):

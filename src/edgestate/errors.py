@@ -2,6 +2,8 @@
 
     EdgeStateError
     ├── ConfigError            bad config file, key or value (exit 2)
+    ├── ListenError            the listening address cannot be bound (exit 1)
+    ├── BadRequest             a client's request is refused: 4xx/5xx status, code, message
     ├── Overloaded             the upstream queue is full; retry later (HTTP 503)
     ├── RateLimited            a client is over its own request budget (HTTP 429)
     └── UpstreamError          the upstream answered badly or not at all (HTTP 502)
@@ -22,6 +24,21 @@ class EdgeStateError(Exception):
 
 class ConfigError(EdgeStateError):
     """The configuration is invalid; the message is one line naming file, key, problem."""
+
+
+class ListenError(EdgeStateError):
+    """The listening address cannot be bound (busy, not permitted, unknown host)."""
+
+
+class BadRequest(EdgeStateError):
+    """A request refused before any route ran (malformed head, failed handshake).
+
+    ``status`` is the HTTP status to answer, ``code`` the contract's error code.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
 class Overloaded(EdgeStateError):

@@ -1,118 +1,99 @@
-"""The front door: what each new connection is, and the in-memory GETs served raw.
+"""The front door: every accepted connection, guarded, bounded, and sent where it belongs.
 
-Every connection's first request head is *peeked* (MSG_PEEK), not read, so a connection
-can still be handed to Hypercorn untouched. ``GET /ws`` goes to the WebSocket path. A
-plain ``GET``/``HEAD`` of an in-memory route (/api/state, the lottery views, a price served
-within its TTL) is answered here with bodies built once per change and sent in one write:
-the route every browser and CDN polls skips h11, ASGI and the framework (measured: they
-are ~95% of the cost of such a request, docs/benchmarks.md). Anything else, on the first
-request or any later one of a keep-alive connection, is handed to Hypercorn at a request
-boundary.
+For each connection: admission (connections in all and per client address), then its
+request heads, read once as bytes arrive and parsed once (heads.py), then dispatch:
+
+- ``GET /ws`` → the WebSocket path (ws.py), with the parsed head and the bytes after it;
+- the in-memory routes (views.py) → answered here in one write, keep-alive;
+- anything else → Hypercorn (hypercorn_glue.py), with the bytes already read, unchanged.
+
+A connection is a guarded unit: whatever goes wrong on it (a bug, RecursionError,
+MemoryError, a hostile byte) is logged with its peer and closes that connection only.
 """
 
 from __future__ import annotations
 
-import email.utils
-import enum
-import socket
-import time
-from collections.abc import Callable
+import collections
+import logging
+import os
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import trio
 
-from .http import FastPath
+from . import ws
+from .config import Config
+from .errors import BadRequest
+from .heads import HeadReader, Request
+from .hypercorn_glue import HypercornBridge
+from .listen import peer_of
+from .services import Services
+from .views import HttpDate, Views, error_response, raw_response
 
-_MAX_HEAD = 8192
-_KEEP_ALIVE = 5.0  # idle seconds before a raw keep-alive connection is closed
-_HEAD_TIMEOUT = 10.0  # to receive a whole request head
+log = logging.getLogger("edgestate.frontdoor")
+
+_REFUSAL_LOG_EVERY = 60.0  # seconds between two log lines about refused connections
+
+# An upgrade the front door owns: path -> accept(stream, request, rest bytes), which answers
+# the handshake and returns the session to await (None: refused).
+Session = Coroutine[Any, Any, None]
+UpgradeHandler = Callable[[trio.SocketStream, Request, bytes], Awaitable[Session | None]]
 
 
-class Kind(enum.Enum):
-    WEBSOCKET = "ws"
-    RPC_WS = "rpc-ws"  # GET /rpc with Upgrade: websocket (Solana PubSub, rpc/session.py)
-    FAST = "fast"
-    OTHER = "other"
+def _refuse_now(stream: trio.SocketStream, response: bytes) -> None:
+    """Best-effort answer without waiting (the socket is non-blocking): a refused peer gets no task time."""
+    try:
+        os.write(stream.socket.fileno(), response)
+    except OSError:
+        pass
 
 
-async def peek_head(stream: trio.SocketStream, timeout: float) -> bytes | None:
-    """The next request head (up to and including CRLFCRLF) without consuming it.
+class FrontDoor:
+    """Admission, head reading and dispatch of the server's connections.
 
-    None on EOF, timeout or a head over the limit (Hypercorn then answers / closes).
+    Args:
+        services: what the routes read from.
+        views: the in-memory answers.
+        bridge: Hypercorn, for everything else.
+        capacity: connections this process may hold (config capped by open files).
     """
-    sock = stream.socket
-    with trio.move_on_after(timeout):
-        await trio.lowlevel.wait_readable(sock)
-    with trio.move_on_after(_HEAD_TIMEOUT):
-        while True:
-            try:
-                data = await sock.recv(_MAX_HEAD, socket.MSG_PEEK)
-            except OSError:
-                return None
-            if not data:
-                return None
-            end = data.find(b"\r\n\r\n")
-            if end >= 0:
-                return data[: end + 4]
-            if len(data) >= _MAX_HEAD:
-                return None
-            # Head split across segments (rare): wait for more without spinning.
-            await trio.sleep(0.005)
-    return None
 
-
-def classify(head: bytes | None, is_fast: Callable[[str], bool]) -> Kind:
-    if head is None:
-        return Kind.OTHER
-    line_end = head.find(b"\r\n")
-    parts = head[:line_end].split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-        return Kind.OTHER
-    method, target = parts[0], parts[1]
-    if method == b"GET" and (target == b"/ws" or target.startswith(b"/ws?")):
-        return Kind.WEBSOCKET
-    if method == b"GET" and target.split(b"?")[0] == b"/rpc" and b"upgrade: websocket" in head.lower():
-        return Kind.RPC_WS
-    if method in (b"GET", b"HEAD") and parts[2] == b"HTTP/1.1" and is_fast(target.decode("latin-1")):
-        return Kind.FAST
-    return Kind.OTHER
-
-
-def _parse_headers(head: bytes) -> dict[str, str] | None:
-    headers: dict[str, str] = {}
-    for line in head.split(b"\r\n")[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(b":")
-        if not sep:
-            return None
-        headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-    return headers
-
-
-class _Date:
-    """The Date header value, formatted once per second."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._value = b""
-
-    def get(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._value = email.utils.formatdate(now, usegmt=True).encode()
-        return self._value
-
-
-class RawHttp:
-    """Serves the in-memory GETs of a connection until it asks for something else."""
-
-    def __init__(self, fast: FastPath) -> None:
-        self._fast = fast
-        self.is_fast = fast.is_fast
-        self._date = _Date()
+    def __init__(self, cfg: Config, services: Services, views: Views, bridge: HypercornBridge, capacity: int) -> None:
+        self._cfg = cfg
+        self._server = cfg.server
+        self._services = services
+        self._views = views
+        self._bridge = bridge
+        self._capacity = capacity
+        self._date = HttpDate()
+        self._per_client: collections.Counter[str] = collections.Counter()
         self._idle: set[trio.CancelScope] = set()
         self._stopping = False
+        self._next_refusal_log = 0.0
+        self.upgrades: dict[str, UpgradeHandler] = {"/ws": self._accept_ws}
+        self.open = 0
+        self.accepted = 0
+        self.refused_full = 0
+        self.refused_per_client = 0
+        self.bad_requests = 0
+        self.head_timeouts = 0
+        self.failures = 0
+        self.handed_to_app = 0
+
+    def stats(self) -> dict[str, Any]:
+        """The /stats ``connections`` section."""
+        return {
+            "open": self.open,
+            "capacity": self._capacity,
+            "accepted": self.accepted,
+            "refused_full": self.refused_full,
+            "refused_per_client": self.refused_per_client,
+            "bad_requests": self.bad_requests,
+            "head_timeouts": self.head_timeouts,
+            "failures": self.failures,
+            "handed_to_app": self.handed_to_app,
+            "clients": len(self._per_client),
+        }
 
     def stop(self) -> None:
         """Shutdown: idle keep-alive connections close now, busy ones after their reply."""
@@ -120,48 +101,128 @@ class RawHttp:
         for scope in list(self._idle):
             scope.cancel()
 
-    async def serve(self, stream: trio.SocketStream, head: bytes) -> bool:
-        """Answer fast requests; False when the connection should go to Hypercorn.
-
-        ``head`` is the already peeked first request head. True means the connection
-        was fully served and closed here.
-        """
-        peer = _peer(stream)
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """One connection from accept to close; never raises for what a peer does."""
+        host, port = peer_of(stream)
+        if not self._admit(stream, host):
+            return
         try:
-            while True:
-                headers = _parse_headers(head)
-                if headers is None or "content-length" in headers or "transfer-encoding" in headers:
-                    return False  # unusual: let the full HTTP implementation answer
-                method, target = head[: head.find(b"\r\n")].split(b" ")[:2]
-                close = self._stopping or headers.get("connection", "").lower() == "close"
-                await self._fast.prepare(method.decode(), target.decode("latin-1"))
-                response = self._fast.raw_response(method.decode(), target.decode("latin-1"), headers, peer,
-                                                   self._date.get(), close)
-                if response is None:
-                    return False  # not in memory: the app answers (nothing consumed yet)
-                await stream.receive_some(len(head))  # consume exactly the head we answer
-                await stream.send_all(response)
-                if close:
-                    break
-                with trio.CancelScope() as idle:
-                    self._idle.add(idle)
-                    try:
-                        next_head = await peek_head(stream, _KEEP_ALIVE)
-                    finally:
-                        self._idle.discard(idle)
-                if idle.cancelled_caught or next_head is None:
-                    break
-                if classify(next_head, self.is_fast) is not Kind.FAST:
-                    return False
-                head = next_head
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        await stream.aclose()
+            session = await self._serve(stream, host, port)
+            if session is not None:  # an upgraded connection; the HTTP side's state is gone
+                await session
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer left
+        except Exception:  # one peer's problem, never the server's
+            self.failures += 1
+            log.exception("connection from %s:%d failed", host, port)
+        except BaseException as exc:
+            # solders' PanicException is a BaseException (STACK-NOTES): still one connection's.
+            if type(exc).__name__ != "PanicException":
+                raise
+            self.failures += 1
+            log.error("connection from %s:%d failed: %s", host, port, exc)
+        finally:
+            self.open -= 1
+            self._per_client[host] -= 1
+            if self._per_client[host] <= 0:
+                del self._per_client[host]
+            await trio.aclose_forcefully(stream)
+
+    def _admit(self, stream: trio.SocketStream, host: str) -> bool:
+        self.accepted += 1
+        limit = self._server.max_connections_per_client
+        why = ""
+        if self.open >= self._capacity:
+            self.refused_full += 1
+            why = f"server full ({self._capacity} connections)"
+        elif limit and self._per_client[host] >= limit and not self._views.limiter.is_trusted(host):
+            self.refused_per_client += 1
+            why = f"too many connections from {host} (limit {limit})"
+        if why:
+            _refuse_now(stream, error_response(503, "overloaded", why + "; try again later", date=self._date.get(),
+                                               extra=[(b"retry-after", b"5")]))
+            now = trio.current_time()
+            if now >= self._next_refusal_log:
+                self._next_refusal_log = now + _REFUSAL_LOG_EVERY
+                log.warning("refusing new connections: %s (refused so far: %d full, %d per client)",
+                            why, self.refused_full, self.refused_per_client)
+            return False
+        self.open += 1
+        self._per_client[host] += 1
         return True
 
+    async def _serve(self, stream: trio.SocketStream, host: str, port: int) -> Session | None:
+        """Serve HTTP requests; the session to run when the connection was upgraded."""
+        server = self._server
+        reader = HeadReader(stream, server.max_header_bytes)
+        idle_timeout = server.header_timeout  # a new connection gets the head timeout to start
+        while True:
+            request: Request | None = None
+            with trio.CancelScope() as idle:
+                self._idle.add(idle)
+                try:
+                    if self._stopping:
+                        return None
+                    request = await reader.next_request(idle_timeout=idle_timeout, head_timeout=server.header_timeout)
+                except BadRequest as exc:
+                    await self._refuse(stream, exc, host)
+                    return None
+                finally:
+                    self._idle.discard(idle)
+            if request is None:
+                return None
+            upgrade = self.upgrades.get(request.path)
+            if upgrade is not None and request.method == "GET":
+                return await upgrade(stream, request, bytes(reader.buffer[request.head_size:]))
+            if request.upgrade and request.headers.get("upgrade", "").lower() == "websocket":
+                await self._refuse(stream, BadRequest(404, "not_found", f"no WebSocket endpoint at {request.path}"),
+                                   host)
+                return None
+            if self._in_memory(request):
+                reader.consume(request.head_size)
+                if not await self._answer(stream, request, host):
+                    return None
+                idle_timeout = server.keepalive_timeout
+                continue
+            # Hypercorn from here on, with the bytes as they came (a request answered with
+            # "Connection: close" hands over only its own head: nothing pipelined behind it).
+            self.handed_to_app += 1
+            close_after = not request.keep_alive and not request.has_body
+            already_read = bytes(reader.buffer[: request.head_size] if close_after else reader.buffer)
+            await self._bridge.serve(stream, already_read)
+            return None
 
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        return str(stream.socket.getpeername()[0])
-    except OSError:
-        return "?"
+    def _in_memory(self, request: Request) -> bool:
+        return (
+            not request.query
+            and not request.has_body
+            and not request.upgrade
+            and request.target.startswith("/")
+            and self._views.is_memory_route(request.path)
+        )
+
+    async def _answer(self, stream: trio.SocketStream, request: Request, host: str) -> bool:
+        """Answer an in-memory route; False when the connection should close."""
+        status, body, headers = await self._views.answer(request.method, request.path, request.headers, host)
+        close = self._stopping or not request.keep_alive
+        response = raw_response(status, body, headers, date=self._date.get(), close=close,
+                                head_only=request.method == "HEAD")
+        await self._send(stream, response)
+        return not close
+
+    async def _send(self, stream: trio.SocketStream, data: bytes) -> None:
+        with trio.move_on_after(self._server.body_timeout) as waited:
+            await stream.send_all(data)
+        if waited.cancelled_caught:
+            raise trio.BrokenResourceError("client took no data")
+
+    async def _refuse(self, stream: trio.SocketStream, exc: BadRequest, host: str) -> None:
+        if exc.status == 408:
+            self.head_timeouts += 1
+        else:
+            self.bad_requests += 1
+        log.debug("refused a request from %s: %d %s", host, exc.status, exc.message)
+        await self._send(stream, error_response(exc.status, exc.code, exc.message, date=self._date.get()))
+
+    async def _accept_ws(self, stream: trio.SocketStream, request: Request, rest: bytes) -> Session | None:
+        return await ws.accept_ws(stream, request, rest, self._services.hub, self._cfg)

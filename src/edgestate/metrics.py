@@ -20,7 +20,7 @@ from . import __version__
 from .refresh import SECONDS_PER_MONTH
 
 if TYPE_CHECKING:
-    from .server import Services
+    from .services import Services
 
 _NAME_OK = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 

@@ -56,7 +56,8 @@ class Snapshot:
         return None if self.jackpot_lamports is None else self.jackpot_lamports / LAMPORTS_PER_SOL
 
 
-def _etag(payload: bytes) -> str:
+def etag_of(payload: bytes) -> str:
+    """The strong ETag of a response body (the one ETag function of the server)."""
     return '"' + hashlib.blake2b(payload, digest_size=10).hexdigest() + '"'
 
 
@@ -204,7 +205,7 @@ class SharedState:
             last_update_ms=last_update_ms,
             stale=stale,
             body=body,
-            etag=_etag(body),
+            etag=etag_of(body),
         )
 
     # -- subscribing ---------------------------------------------------------------

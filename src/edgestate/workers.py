@@ -42,7 +42,10 @@ from typing import Any
 import trio
 
 from .config import Config
-from .server import ListenError, Services, _split_bind, serve
+from .errors import ListenError
+from .listen import split_bind
+from .server import serve
+from .services import Services
 
 log = logging.getLogger("edgestate.workers")
 
@@ -87,6 +90,7 @@ async def run_member(cfg: Config, *, member: str, stats_dir: str, demo: bool = F
             "role": FEED if member == FEED else "worker",
         }
         services.extra_stats["workers"] = partial(summarize, stats_dir)
+        services.collect_all = partial(collect_all, services)
         nursery.start_soon(_publish, services, url, path)
         nursery.start_soon(_watch_supervisor, os.getppid(), stop)
     path.unlink(missing_ok=True)
@@ -350,7 +354,7 @@ def _exit(code: int) -> str:
 def _reserve_port(bind: str) -> socket.socket:
     """Bind (without listening) a SO_REUSEPORT socket on ``bind``: fails fast when the port
     is taken, fixes port 0 to one port, and holds it for the workers' lifetime."""
-    host, port = _split_bind(bind)
+    host, port = split_bind(bind)
     try:
         family, type_, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                            flags=socket.AI_PASSIVE)[0]

@@ -8,8 +8,10 @@ peer leaves or the hub closes it.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 import trio
@@ -17,12 +19,16 @@ import trio
 from . import wsframes
 from .broadcast import Client, Hub
 from .config import Config
+from .errors import BadRequest
+from .heads import Request
+from .listen import peer_of
+from .views import HttpDate, error_response
 
 log = logging.getLogger("edgestate.ws")
 access_log = logging.getLogger("edgestate.access")
 
-_MAX_HEAD = 8192
-_HANDSHAKE_TIMEOUT = 10.0
+_HANDSHAKE_SEND_TIMEOUT = 10.0
+_DATE = HttpDate()
 # Abuse policy: this many bad frames (or frames over the message rate) → close 1008.
 _MAX_STRIKES = 10
 _MSG_RATE, _MSG_BURST = 20.0, 40.0
@@ -40,65 +46,37 @@ _ERR_BINARY = _error_frame("binary frames are not supported: send JSON text")
 _ERR_RATE = _error_frame("too many messages: slow down")
 
 
-class HandshakeError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+def _http_error(exc: BadRequest) -> bytes:
+    extra = [(b"sec-websocket-version", b"13")] if exc.status == 426 else []
+    return error_response(exc.status, exc.code, exc.message, date=_DATE.get(), extra=extra)
 
 
-def _http_error(status: int, code: str, message: str, extra: str = "") -> bytes:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    reason = {400: "Bad Request", 403: "Forbidden", 426: "Upgrade Required", 431: "Request Header Fields Too Large"}
-    return (
-        f"HTTP/1.1 {status} {reason.get(status, 'Error')}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n"
-    ).encode() + body
+def check_upgrade(request: Request, cfg: Config) -> str:
+    """The client's Sec-WebSocket-Key, once the upgrade request is found acceptable.
 
-
-async def _read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
-    buf = bytearray()
-    with trio.move_on_after(_HANDSHAKE_TIMEOUT):
-        while b"\r\n\r\n" not in buf:
-            if len(buf) > _MAX_HEAD:
-                raise HandshakeError(431, "headers_too_large", f"request head over {_MAX_HEAD} bytes")
-            data = await stream.receive_some(4096)
-            if not data:
-                raise HandshakeError(400, "bad_request", "connection closed during handshake")
-            buf += data
-        head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-        return head, rest
-    raise HandshakeError(400, "bad_request", "handshake timed out")
-
-
-def _parse_head(head: bytes) -> tuple[str, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[0] != "GET":
-        raise HandshakeError(400, "bad_request", "malformed request line")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise HandshakeError(400, "bad_request", "malformed header line")
-        key = name.strip().lower()
-        # Repeated headers fold with commas, as HTTP allows.
-        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
-    return parts[1], headers
-
-
-def _check_upgrade(headers: dict[str, str], cfg: Config) -> str:
-    if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in headers.get("connection", "").lower():
-        raise HandshakeError(426, "upgrade_required", "/ws is a WebSocket endpoint: send an Upgrade: websocket request")
+    Raises:
+        BadRequest: 426 (not an upgrade, or not version 13), 400 (bad key), 403 (origin).
+    """
+    headers = request.headers
+    if "websocket" not in request.header_tokens("upgrade") or "upgrade" not in request.header_tokens("connection"):
+        raise BadRequest(426, "upgrade_required", f"{request.path} is a WebSocket endpoint: send an Upgrade: websocket request")
     if headers.get("sec-websocket-version") != "13":
-        raise HandshakeError(426, "upgrade_required", "unsupported WebSocket version (13 required)")
+        raise BadRequest(426, "upgrade_required", "unsupported WebSocket version (13 required)")
     key = headers.get("sec-websocket-key", "")
-    if len(key) != 24:
-        raise HandshakeError(400, "bad_request", "missing or invalid Sec-WebSocket-Key")
+    if len(key) != 24 or not _is_base64_16(key):
+        raise BadRequest(400, "bad_request", "missing or invalid Sec-WebSocket-Key")
     origin = headers.get("origin")
     allowed = cfg.server.allowed_origins
     if allowed and origin is not None and origin not in allowed:
-        raise HandshakeError(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
+        raise BadRequest(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
     return key
+
+
+def _is_base64_16(key: str) -> bool:
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        return False
 
 
 class _Session:
@@ -167,40 +145,67 @@ class _Session:
             self._strike(_ERR_JSON)
 
 
-async def serve_ws(stream: trio.SocketStream, hub: Hub, cfg: Config) -> None:
-    """Run one /ws connection from handshake to close; never raises for peer errors."""
-    peer = _peer(stream)
-    started = trio.current_time()
-    client = await _handshake(stream, hub, cfg, peer)
+async def serve_ws(stream: trio.SocketStream, request: Request, rest: bytes, hub: Hub, cfg: Config) -> None:
+    """Run one /ws connection from handshake to close; never raises for peer errors.
+
+    Args:
+        request: the upgrade request, parsed by the front door.
+        rest: bytes that arrived after the request head (the client's first frames).
+    """
+    session = await accept_ws(stream, request, rest, hub, cfg)
+    del request, rest  # nothing of the HTTP side stays for the connection's lifetime
+    if session is not None:
+        await session
+
+
+async def accept_ws(stream: trio.SocketStream, request: Request, rest: bytes, hub: Hub, cfg: Config
+                    ) -> Coroutine[Any, Any, None] | None:
+    """The handshake; then the session to await, or None when it was refused (and answered).
+
+    Two steps, so that the caller's frames holding the parsed request are gone while the
+    session lives: per-connection memory is what 100k clients multiply. The session is
+    the coroutine itself (its frame is the only per-connection object it adds).
+    """
+    host, port = peer_of(stream)
+    peer = f"{host}:{port}"
+    client = await _handshake(stream, request, rest, hub, cfg, peer)
     if client is None:
         await stream.aclose()
-        return
+        return None
+    return run_ws(stream, client, hub, cfg, trio.current_time())
+
+
+async def run_ws(stream: trio.SocketStream, client: Client, hub: Hub, cfg: Config, started: float) -> None:
+    """A registered client's session: its messages until it leaves or is closed."""
     try:
         await _receive_loop(stream, client, hub, cfg)
     finally:
         client.close(None)  # no-op when already closing; stops every further write
         with trio.CancelScope(shield=True):
             await _linger(stream)
-        access_log.info("ws %s closed after %.1fs", peer, trio.current_time() - started)
+        access_log.info("ws %s closed after %.1fs", client.peer, trio.current_time() - started)
 
 
-async def _handshake(stream: trio.SocketStream, hub: Hub, cfg: Config, peer: str) -> Client | None:
+async def _handshake(stream: trio.SocketStream, request: Request, rest: bytes, hub: Hub, cfg: Config,
+                     peer: str) -> Client | None:
     """Answer the upgrade; the registered client, or None when refused."""
     try:
-        head, rest = await _read_head(stream)
-        _path, headers = _parse_head(head)
-        key = _check_upgrade(headers, cfg)
-        await stream.send_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
-            b"sec-websocket-accept: " + wsframes.accept_key(key).encode() + b"\r\n\r\n"
-        )
-    except HandshakeError as exc:
+        key = check_upgrade(request, cfg)
+        with trio.fail_after(_HANDSHAKE_SEND_TIMEOUT):
+            await stream.send_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                b"sec-websocket-accept: " + wsframes.accept_key(key).encode() + b"\r\n\r\n"
+            )
+    except BadRequest as exc:
+        log.debug("ws %s refused: %d %s", peer, exc.status, exc.message)
+        hub.refused_handshake += 1
         try:
-            await stream.send_all(_http_error(exc.status, exc.code, exc.message))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.move_on_after(_HANDSHAKE_SEND_TIMEOUT):
+                await stream.send_all(_http_error(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         return None
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
         return None
     client = Client(hub, stream.socket, peer)
     client.unread = rest
@@ -246,37 +251,3 @@ async def _linger(stream: trio.SocketStream) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
     await stream.aclose()
-
-
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-        return f"{host}:{port}"
-    except OSError:
-        return "?"
-
-
-async def accept_upgrade(stream: trio.SocketStream, cfg: Config) -> bytes | None:
-    """Read and answer a WebSocket upgrade for another endpoint (e.g. /rpc).
-
-    Same checks as /ws (Upgrade headers, version 13, key, Origin allowlist). Returns
-    the bytes read past the request head (the first frames), or None when refused
-    (the HTTP error was sent).
-    """
-    try:
-        head, rest = await _read_head(stream)
-        _path, headers = _parse_head(head)
-        key = _check_upgrade(headers, cfg)
-        await stream.send_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
-            b"sec-websocket-accept: " + wsframes.accept_key(key).encode() + b"\r\n\r\n"
-        )
-    except HandshakeError as exc:
-        try:
-            await stream.send_all(_http_error(exc.status, exc.code, exc.message))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        return None
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        return None
-    return rest

@@ -6,22 +6,24 @@
     session.py   GET /rpc: one client's PubSub protocol, non-blocking writes
 
 :class:`RpcService` builds and runs them; the app calls ``service.proxy.handle`` and
-the front door ``service.serve_ws``.
+the front door ``service.accept_ws`` (its upgrade table).
 """
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 import trio
 
 from ..cache import Cache
 from ..config import Config
+from ..heads import Request
 from ..upstream.pool import Pool
 from ..upstream.ratelimit import RateLimiter
 from .mux import Mux
 from .proxy import RpcProxy
-from .session import RpcSockets, serve_rpc_ws
+from .session import RpcSockets, accept_rpc_ws
 
 __all__ = ["RpcProxy", "RpcService"]
 
@@ -50,9 +52,10 @@ class RpcService:
             await nursery.start(self.mux.run)
             task_status.started()
 
-    async def serve_ws(self, stream: trio.SocketStream) -> None:
-        """Serve one ``GET /rpc`` WebSocket connection (the front door hands it over)."""
-        await serve_rpc_ws(stream, self.sockets)
+    async def accept_ws(self, stream: trio.SocketStream, request: Request, rest: bytes
+                        ) -> Coroutine[Any, Any, None] | None:
+        """The front door's upgrade handler for ``GET /rpc``: handshake, then the session to await."""
+        return await accept_rpc_ws(stream, request, rest, self.sockets)
 
     def stats(self) -> dict[str, Any]:
         """The /stats ``rpc`` section: HTTP calls, cache per method, PubSub sharing."""

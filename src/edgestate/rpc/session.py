@@ -1,7 +1,7 @@
 """GET /rpc WebSocket: the Solana PubSub protocol for one client connection.
 
-The front door hands over ``GET /rpc`` upgrades. The handshake is /ws's
-(:func:`edgestate.ws.accept_upgrade`: same headers, same Origin allowlist); frames are
+The front door hands over ``GET /rpc`` upgrades (its ``upgrades`` table). The handshake
+checks are /ws's (:func:`edgestate.ws.check_upgrade`: same headers, same Origin allowlist); frames are
 parsed by :class:`edgestate.wsframes.FrameParser`. Subscriptions go to the shared
 :class:`~edgestate.rpc.mux.Mux`.
 
@@ -18,13 +18,17 @@ import collections
 import json
 import logging
 import os
+from collections.abc import Coroutine
 from typing import Any
 
 import trio
 
 from .. import wsframes
 from ..config import Config
-from ..ws import accept_upgrade
+from ..errors import BadRequest
+from ..heads import Request
+from ..views import HttpDate, error_response
+from ..ws import check_upgrade
 from . import policy
 from .mux import Mux, Sub, error_frame, reply_frame
 
@@ -34,6 +38,8 @@ access_log = logging.getLogger("edgestate.access")
 _MAX_QUEUED_BYTES = 4 << 20  # per connection, behind a full socket
 _MAX_STRIKES = 10
 _TOO_MANY = -32000  # agave's server-error range: a limit of this server
+_HANDSHAKE_SEND_TIMEOUT = 10.0
+_DATE = HttpDate()
 
 
 class RpcConn:
@@ -251,15 +257,35 @@ def _valid_id(value: Any) -> bool:
     return value is None or isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
-async def serve_rpc_ws(stream: trio.SocketStream, sockets: RpcSockets) -> None:
-    """Run one /rpc WebSocket connection from handshake to close; never raises for peer errors."""
+async def accept_rpc_ws(stream: trio.SocketStream, request: Request, rest: bytes, sockets: RpcSockets
+                        ) -> Coroutine[Any, Any, None] | None:
+    """Answer a ``GET /rpc`` upgrade; the session to await, or None when refused (and answered)."""
+    try:
+        key = check_upgrade(request, sockets.cfg)
+        with trio.fail_after(_HANDSHAKE_SEND_TIMEOUT):
+            await stream.send_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                b"sec-websocket-accept: " + wsframes.accept_key(key).encode() + b"\r\n\r\n"
+            )
+    except BadRequest as exc:
+        try:
+            with trio.move_on_after(_HANDSHAKE_SEND_TIMEOUT):
+                await stream.send_all(error_response(exc.status, exc.code, exc.message, date=_DATE.get()))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        await stream.aclose()
+        return None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
+        await stream.aclose()
+        return None
+    return serve_rpc_ws(stream, sockets, rest)
+
+
+async def serve_rpc_ws(stream: trio.SocketStream, sockets: RpcSockets, rest: bytes) -> None:
+    """Run one accepted /rpc WebSocket connection until close; never raises for peer errors."""
     cfg = sockets.cfg
     peer = _peer(stream)
     started = trio.current_time()
-    rest = await accept_upgrade(stream, cfg)
-    if rest is None:
-        await stream.aclose()
-        return
     conn = RpcConn(stream.socket, peer)
     if len(sockets.conns) >= cfg.ws.max_clients:
         sockets.refused_full += 1
