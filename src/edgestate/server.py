@@ -28,6 +28,7 @@ from .frontdoor import FrontDoor
 from .hypercorn_glue import HypercornBridge
 from .listen import bound_url, connection_capacity, open_listener
 from .logs import throttle
+from .rpc import RpcService
 from .services import Services, build_services
 from .upstream.prices import PriceClient
 
@@ -71,7 +72,8 @@ async def serve(
             await services_nursery.start(services.prices.run)
             await services_nursery.start(services.hub.run)
             await services_nursery.start(services.refresher.run)
-        if services.rpc_proxy is not None:  # /rpc (issue 12)
+        if services.pool is not None and cfg.rpc.enabled:  # /rpc (issue 12)
+            services.rpc_proxy = RpcService(cfg, services.pool, services.cache, services.limiter)
             services.extra_stats["rpc"] = services.rpc_proxy.stats
             await services_nursery.start(services.rpc_proxy.run)
         views = Views(services)

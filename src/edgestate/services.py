@@ -13,7 +13,6 @@ from .cache import Cache
 from .config import Config
 from .feed import ParentFeed, ParentPrices, ParentRpc
 from .refresh import Refresher
-from .rpc import RpcService
 from .state import SharedState
 from .upstream.pool import Pool
 from .upstream.prices import PriceClient
@@ -36,7 +35,9 @@ class Services:
     prices: PriceClient | ParentPrices
     refresher: Refresher | None
     feed: ParentFeed | None = None
-    rpc_proxy: RpcService | None = None  # /rpc (issue 12); None in feed mode or with rpc.enabled = false
+    # /rpc (issue 12): an rpc.RpcService set by server.serve (rpc/ imports views, which imports this module);
+    # None in feed mode or with rpc.enabled = false.
+    rpc_proxy: Any = None
     # Set by workers.py in a worker process: {"id", "pid", "role", ...}; /stats server.worker.
     worker: dict[str, Any] | None = None
     started_at: float = field(default_factory=trio.current_time)
@@ -77,5 +78,4 @@ def build_services(cfg: Config) -> Services:
         prices=prices,
         refresher=refresher,
         feed=feed,
-        rpc_proxy=RpcService(cfg, pool, cache, limiter) if pool is not None and cfg.rpc.enabled else None,
     )
