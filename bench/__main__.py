@@ -23,7 +23,8 @@ import time
 from . import common
 from .common import log
 
-SCENARIOS = ("fanout", "http", "attack", "parse", "amplification", "balances", "pool", "soak", "scaleout", "cost")
+SCENARIOS = ("fanout", "http", "attack", "parse", "amplification", "balances", "pool", "soak", "scaleout", "cost",
+             "rpc")
 
 
 def _deps(need_nginx: bool, need_wrk: bool, need_node: bool) -> dict[str, bool]:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     todo = SCENARIOS if args.scenario == "all" else (() if args.scenario == "report" else (args.scenario,))
     if args.scenario == "all" and not full:
-        todo = tuple(s for s in todo if s not in ("soak", "scaleout"))
+        todo = tuple(s for s in todo if s not in ("soak", "scaleout", "rpc"))
     deps = _deps(need_nginx=bool({"fanout", "http", "amplification"} & set(todo)),
                  need_wrk="http" in todo,
                  need_node=bool({"fanout", "amplification", "soak", "scaleout"} & set(todo)))
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "cost":
                 from . import cost
                 cost.run(hours=args.hours, join_every=args.join_every)
+            elif name == "rpc":  # issue 12: /rpc subscriptions shared, signature statuses merged
+                from . import rpc
+                rpc.run([int(x) for x in args.ns.split(",")] if args.ns else ([1000, 10000] if full else [10000]))
             elif name == "soak":
                 if not deps["node"]:
                     continue

@@ -9,7 +9,20 @@ import time
 import urllib.request
 from typing import Any
 
-from .common import CLIENT_CPUS, NCPU, ROOT, SERVER_CPUS, Procs, cpu_s, free_port, log, machine, python, save_result, wait_http
+from .common import (
+    CLIENT_CPUS,
+    NCPU,
+    ROOT,
+    SERVER_CPUS,
+    Procs,
+    cpu_s,
+    free_port,
+    log,
+    machine,
+    python,
+    save_result,
+    wait_http,
+)
 from .stack import Stack
 
 TOKEN_MINT = "4zMMC9srt5Ri5X14GAgXhaHii3GnPAEERYPJgZJDncDU"  # config.toml's default token.mint

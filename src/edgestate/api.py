@@ -221,4 +221,18 @@ def create_app(services: Services, views: Views | None = None) -> MemoryRoutes:
             raise BadInput(400, "invalid_mint", f"tokenMint: {exc}") from None
         return _json({"balances": result}, headers={"cache-control": "no-store"})
 
+    if services.rpc_proxy is not None:  # POST /rpc (issue 12): the JSON-RPC proxy, rpc/proxy.py
+        rpc_proxy = services.rpc_proxy
+
+        @app.post("/rpc")
+        async def rpc() -> Response:
+            if (request.content_length or 0) > cfg.api.max_body_bytes:
+                return _json({"jsonrpc": "2.0", "error": {"code": -32600, "message": f"request body over {cfg.api.max_body_bytes} bytes"}, "id": None}, 413)
+            origin = request.headers.get("origin")
+            if origin is not None and not helpers.origin_allowed(origin):  # as /ws: a browser page of another site
+                return _json({"jsonrpc": "2.0", "error": {"code": -32600, "message": f"origin {origin[:100]!r} is not allowed"}, "id": None}, 403)
+            client = helpers.limiter.client_address(request.remote_addr, request.headers.get("x-forwarded-for"))
+            status, headers, body = await rpc_proxy.proxy.handle(cast(bytes, await request.get_data(as_text=False)), client)
+            return Response(body, status=status, headers=dict(headers))
+
     return MemoryRoutes(app, helpers)

@@ -237,6 +237,32 @@ class ApiConfig:
     trusted_proxies: tuple[str, ...] = ()
 
 
+# What a dApp frontend needs (issue 12); getProgramAccounts only for allowed programs.
+RPC_DEFAULT_METHODS = (
+    "getAccountInfo", "getBalance", "getMultipleAccounts", "getTokenAccountBalance", "getTokenAccountsByOwner",
+    "getProgramAccounts", "getLatestBlockhash", "isBlockhashValid", "getSlot", "getBlockHeight", "getEpochInfo",
+    "getSignatureStatuses", "getTransaction", "getMinimumBalanceForRentExemption", "getFeeForMessage",
+    "getRecentPrioritizationFees", "getHealth", "getVersion", "getGenesisHash", "simulateTransaction",
+    "sendTransaction",
+)
+
+
+# Every method the proxy knows how to validate and cache (rpc/policy.py has their rules).
+RPC_KNOWN_METHODS = RPC_DEFAULT_METHODS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RpcConfig:
+    enabled: bool = True
+    allowed_methods: tuple[str, ...] = RPC_DEFAULT_METHODS
+    allowed_programs: tuple[str, ...] = ()
+    max_batch: int = 100
+    per_client_rps: float = 50.0
+    # sendTransaction/simulateTransaction per client address per second (on top of per_client_rps); 0 = off.
+    send_per_client_rps: float = 5.0
+    max_subscriptions: int = 100
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     level: str = "info"
@@ -255,6 +281,7 @@ class Config:
     lottery: LotteryConfig = field(default_factory=LotteryConfig)
     ws: WsConfig = field(default_factory=WsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    rpc: RpcConfig = field(default_factory=RpcConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="(defaults)", compare=False)
 
@@ -292,6 +319,8 @@ _MAY_BE_ZERO = {
     ("server", "max_connections_per_client"),
     ("upstream", "batch_window_ms"),
     ("upstream", "credits_per_month"),
+    ("rpc", "per_client_rps"),
+    ("rpc", "send_per_client_rps"),
 }
 
 
@@ -426,6 +455,15 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: at most 100 calls per batch, got {value}")
     if (section, key) == ("lottery", "participant_filters"):
         _check_filters(value, where)
+    if (section, key) == ("rpc", "allowed_programs"):
+        for i, program in enumerate(value):
+            if not _is_pubkey(program):
+                raise ConfigError(f"{where}[{i}]: not a valid Solana public key (base58, 32 bytes): {program!r}")
+    if (section, key) == ("rpc", "allowed_methods"):
+        unknown = [m for m in value if m not in RPC_KNOWN_METHODS]
+        if unknown:
+            raise ConfigError(f"{where}: the proxy cannot serve {', '.join(map(repr, unknown))}; "
+                              f"known: {', '.join(RPC_KNOWN_METHODS)}")
 
 
 def _parse_env_value(text: str) -> Any:

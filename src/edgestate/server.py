@@ -28,6 +28,7 @@ from .frontdoor import FrontDoor
 from .hypercorn_glue import HypercornBridge
 from .listen import bound_url, connection_capacity, open_listener
 from .logs import throttle
+from .rpc import RpcService
 from .services import Services, build_services
 from .upstream.prices import PriceClient
 
@@ -71,11 +72,17 @@ async def serve(
             await services_nursery.start(services.prices.run)
             await services_nursery.start(services.hub.run)
             await services_nursery.start(services.refresher.run)
+        if services.pool is not None and cfg.rpc.enabled:  # /rpc (issue 12)
+            services.rpc_proxy = RpcService(cfg, services.pool, services.cache, services.limiter)
+            services.extra_stats["rpc"] = services.rpc_proxy.stats
+            await services_nursery.start(services.rpc_proxy.run)
         views = Views(services)
         services.extra_stats["api"] = views.stats.stats
         bridge = HypercornBridge(create_app(services, views), cfg.server, send_timeout=cfg.ws.send_timeout)
         door = FrontDoor(cfg, services, views, bridge, capacity)
         services.extra_stats["connections"] = door.stats
+        if services.rpc_proxy is not None:
+            door.upgrades["/rpc"] = services.rpc_proxy.accept_ws  # GET /rpc: Solana PubSub (rpc/session.py)
         await services_nursery.start(bridge.run)
         services_nursery.start_soon(_watch_signals, stop)
         _log_startup(cfg, url, demo)

@@ -35,6 +35,9 @@ class Services:
     prices: PriceClient | ParentPrices
     refresher: Refresher | None
     feed: ParentFeed | None = None
+    # /rpc (issue 12): an rpc.RpcService set by server.serve (rpc/ imports views, which imports this module);
+    # None in feed mode or with rpc.enabled = false.
+    rpc_proxy: Any = None
     # Set by workers.py in a worker process: {"id", "pid", "role", ...}; /stats server.worker.
     worker: dict[str, Any] | None = None
     started_at: float = field(default_factory=trio.current_time)

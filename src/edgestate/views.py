@@ -400,7 +400,7 @@ class Views:
             return []
         return [
             (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
-            (b"access-control-allow-headers", b"content-type, if-none-match"),
+            (b"access-control-allow-headers", b"content-type, if-none-match, solana-client"),  # web3.js sends solana-client
             (b"access-control-max-age", b"600"),
         ]
 

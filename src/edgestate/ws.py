@@ -37,7 +37,7 @@ _MSG_RATE, _MSG_BURST = 20.0, 40.0
 # Fragments of one message; its bytes are capped by ws.max_message_size. Browsers do not
 # fragment small messages; an endless run of continuation frames is skipped (TooBig) and
 # struck by the rate limit instead of growing memory.
-_MAX_FRAGMENTS = 32
+MAX_FRAGMENTS = 32  # frames of one message (/ws and /rpc); a message in more is refused
 # How long the closing handshake may take once we closed or failed the connection.
 _CLOSE_TIMEOUT = 2.0
 
@@ -232,7 +232,7 @@ async def accept_ws(stream: trio.SocketStream, request: Request, rest: bytes, hu
 async def run_ws(stream: trio.SocketStream, client: Client, hub: Hub, cfg: Config, started: float) -> None:
     """A registered client's session: its messages until it leaves or is closed."""
     try:
-        parser = wsframes.FrameParser(cfg.ws.max_message_size, max_fragments=_MAX_FRAGMENTS)
+        parser = wsframes.FrameParser(cfg.ws.max_message_size, max_fragments=MAX_FRAGMENTS)
         unread, client.unread = client.unread, b""
         session = _Session(client, hub, cfg)
         await receive(stream, session, parser, peer=client.peer, unread=unread, cancel_scope=client.cancel_scope)

@@ -19,7 +19,7 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from solders.token.state import TokenAccount
 
-from . import pings
+from . import pings, txs
 from .world import FAULT_DEFAULTS, HANG_SECONDS, World, b58encode, parse_pubkey
 
 API_VERSION = "2.0.15"
@@ -242,6 +242,7 @@ METHODS: dict[str, Callable[[World, Any], Any]] = {
     "getProgramAccounts": _get_program_accounts,
     "getTokenAccountBalance": _get_token_account_balance,
 }
+METHODS.update({k: v for k, v in txs.methods(RpcFault, account_json).items() if k not in METHODS})  # issue 12
 
 
 def _rpc_error(code: int, message: str, req_id: Any) -> dict[str, Any]:
@@ -267,7 +268,10 @@ def _call(world: World, item: Any) -> dict[str, Any]:
         return {"jsonrpc": "2.0", "result": handler(world, item.get("params")), "id": req_id}
     except RpcFault as fault:
         world.count("rpc_errors")
-        return _rpc_error(fault.code, fault.message, req_id)
+        error = _rpc_error(fault.code, fault.message, req_id)
+        if getattr(fault, "data", None) is not None:  # e.g. a failed preflight's logs (sim/txs.py)
+            error["error"]["data"] = fault.data  # type: ignore[attr-defined]
+        return error
 
 
 async def _apply_fault(world: World, *, rpc: bool) -> Response | None:
@@ -410,6 +414,7 @@ def create_sim_app(world: World) -> QuartTrio:
         finally:
             unwatch()
             world.close_session(session)
+            txs.close_session(world, session)
         return None
 
     @app.get("/control/stats")
@@ -529,6 +534,9 @@ async def _pubsub_request(world: World, session: Any, message: str | bytes) -> N
         await _send(_rpc_error(-32600, "Invalid request", req_id))
         return
     method, params = item["method"], item.get("params")
+    if method in ("signatureSubscribe", "signatureUnsubscribe"):
+        await txs.pubsub_request(world, session, item, _send)  # sim/txs.py (issue 12)
+        return
     try:
         sub = _subscribe(world, session, method, params)
         if sub is None:
@@ -586,7 +594,7 @@ async def _pump(world: World, session: Any, scope: trio.CancelScope) -> None:
             await websocket.close(1012, "simulated drop")
             scope.cancel()
             return
-        pending = world.pending_notifications(session)
+        pending = world.pending_notifications(session) + txs.pending_notifications(world, session)
         if not pending:
             # No checkpoint between the check above and this wait: no lost wake-ups.
             await world.wait_changed()
@@ -602,6 +610,9 @@ async def _pump(world: World, session: Any, scope: trio.CancelScope) -> None:
                 value = {"pubkey": pubkey, "account": account_json(world, pubkey, config, notification=True)}
                 params = {"result": {"context": {"slot": world.slot}, "value": value}, "subscription": sub}
                 await _send({"jsonrpc": "2.0", "method": "programNotification", "params": params}, world)
+            elif kind == "signature":  # sim/txs.py
+                params = {"result": payload, "subscription": sub}
+                await _send({"jsonrpc": "2.0", "method": "signatureNotification", "params": params}, world)
             else:
                 result = {"parent": payload - 1, "root": max(0, payload - 32), "slot": payload}
                 await _send({"jsonrpc": "2.0", "method": "slotNotification", "params": {"result": result, "subscription": sub}},
