@@ -17,7 +17,7 @@ import trio
 from edgestate.api import create_app
 from edgestate.frontdoor import FrontDoor
 from edgestate.hypercorn_glue import HypercornBridge
-from edgestate.listen import open_listener
+from edgestate.listen import accept_forever, open_listener
 from edgestate.services import Services, build_services
 from edgestate.views import Views
 from tests.conftest import make_config
@@ -76,7 +76,7 @@ async def start_door(nursery: trio.Nursery, capacity: int = 1000, **server: Any)
     door = FrontDoor(cfg, services, views, bridge, capacity)
     listener = await open_listener("127.0.0.1:0")
     port = listener.socket.getsockname()[1]
-    await nursery.start(trio.serve_listeners, door.handle, [listener])
+    nursery.start_soon(accept_forever, listener, door.handle, nursery)
     return Door(door, port, services)
 
 

@@ -105,6 +105,7 @@ class FrontDoor:
         """One connection from accept to close; never raises for what a peer does."""
         host, port = peer_of(stream)
         if not self._admit(stream, host):
+            await trio.aclose_forcefully(stream)
             return
         try:
             session = await self._serve(stream, host, port)

@@ -42,32 +42,11 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-class _Throttle(logging.Filter):
-    """Lets one record through per ``every`` seconds, the first at once."""
-
-    def __init__(self, every: float) -> None:
-        super().__init__()
-        self._every = every
-        self._next = 0.0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.created < self._next:
-            return False
-        self._next = record.created + self._every
-        return True
-
-
-def throttle(logger: logging.Logger, *, every: float) -> None:
-    """At most one line per ``every`` seconds from ``logger`` (a repeating condition)."""
-    if not any(isinstance(f, _Throttle) for f in logger.filters):
-        logger.addFilter(_Throttle(every))
-
-
 def setup(cfg: LogConfig, stream: object = None) -> None:
     """Route the ``edgestate`` loggers (and Hypercorn's errors) to stderr."""
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     handler.setFormatter(_JsonFormatter() if cfg.format == "json" else _TextFormatter())
-    for name in ("edgestate", "hypercorn.error", "trio.serve_listeners"):
+    for name in ("edgestate", "hypercorn.error"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(cfg.level.upper())

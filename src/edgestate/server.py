@@ -7,7 +7,7 @@
     ├── refresher.run                   price / participants pollers, jackpot PubSub + fallback
     ├── hub.run                         fan-out of each new snapshot, heartbeat
     ├── bridge.run                      the Quart app's lifespan (Hypercorn)
-    └── connections                     trio.serve_listeners → frontdoor.FrontDoor.handle per
+    └── connections                     listen.accept_forever → frontdoor.FrontDoor.handle per
                                         connection: GET /ws → ws.serve_ws, in-memory routes →
                                         views, everything else → Hypercorn (hypercorn_glue)
 
@@ -26,8 +26,7 @@ from . import __version__, wsframes
 from .config import Config, redact
 from .frontdoor import FrontDoor
 from .hypercorn_glue import HypercornBridge
-from .listen import bound_url, connection_capacity, open_listener
-from .logs import throttle
+from .listen import accept_forever, bound_url, connection_capacity, open_listener
 from .rpc import RpcService
 from .services import Services, build_services
 from .upstream.prices import PriceClient
@@ -54,8 +53,6 @@ async def serve(
 
     stop = trio.Event() if stop is None else stop
     capacity = connection_capacity(cfg.server.max_connections, cfg.ws.max_clients)
-    # trio logs every failed accept at the open-files limit, ten times a second: once a minute is enough.
-    throttle(logging.getLogger("trio.serve_listeners"), every=60.0)
     listener = await open_listener(cfg.server.bind, reuse_port=cfg.server.reuse_port)
     url = bound_url(listener)
     async with trio.open_nursery() as services_nursery:
@@ -91,7 +88,7 @@ async def serve(
             with trio.CancelScope() as accepting:
                 services_nursery.start_soon(_stop_when, stop, accepting)
                 task_status.started((url, services))
-                await trio.serve_listeners(door.handle, [listener], handler_nursery=connections)
+                await accept_forever(listener, door.handle, connections)
             # Shutdown: no new connections; WebSocket clients get 1001 at once.
             log.info("shutting down: closing %d WebSocket clients, draining HTTP (up to %gs)",
                      len(services.hub), cfg.server.graceful_timeout)
