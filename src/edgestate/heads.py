@@ -21,7 +21,7 @@ import trio
 
 from .errors import BadRequest
 
-_RECEIVE = 16384
+_RECEIVE = 4096  # bytes per read: a head in more reads is rare; big reads fragment the heap
 _VERSIONS = ("1.1", "1.0")
 
 
