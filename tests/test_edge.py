@@ -340,3 +340,21 @@ async def test_idle_connections_cost_no_wakeups(nursery):
         for s in streams:
             s.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             await s.aclose()
+
+
+def test_open_files_limit_raised_and_an_oversized_cap_warned_once(caplog):
+    import resource
+
+    from edgestate.listen import FD_RESERVE, connection_capacity
+
+    with caplog.at_level(logging.WARNING, logger="edgestate.listen"):
+        capacity = connection_capacity(10**9, 10)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert soft == hard or hard == resource.RLIM_INFINITY  # the soft limit was raised to the hard one
+    assert capacity == soft - FD_RESERVE
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "server.max_connections = 1000000000" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edgestate.listen"):
+        assert connection_capacity(100, 10) == 100
+    assert not caplog.records
