@@ -342,7 +342,7 @@ async def test_idle_connections_cost_no_wakeups(nursery):
             await s.aclose()
 
 
-def test_open_files_limit_raised_and_an_oversized_cap_warned_once(caplog):
+async def test_open_files_limit_raised_and_an_oversized_cap_warned_once(caplog):
     import resource
 
     from edgestate.listen import FD_RESERVE, connection_capacity
