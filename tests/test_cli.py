@@ -118,7 +118,7 @@ def test_check_config_says_what_it_costs_and_which_limit_it_exceeds(tmp_path, ca
     assert last.startswith("# cost: ~") and "credits/month" in last and "price requests/month" in last
     assert "exceeds Helius Free: upstream.max_requests_per_second 50 > 10 req/s" in last
     assert err.count("\n") == 1 and err.startswith("edgestate: warning: cost:")
-    path.write_text("")
+    path.write_text("[upstream]\nmax_requests_per_second = 10\n")
     assert main(["check-config", "--config", str(path)]) == 0
     out, err = capsys.readouterr()
     assert "within Helius Free" in out and err == ""

@@ -16,7 +16,7 @@ def write(tmp_path, text):
 def test_defaults_are_the_seeds():
     cfg = config.load(None, environ={})
     assert cfg.upstream.max_connections == 10
-    assert cfg.upstream.max_requests_per_second == 10  # Helius Free (issue 11)
+    assert cfg.upstream.max_requests_per_second == 100  # the contract's default
     assert cfg.upstream.request_timeout == 30.0
     assert cfg.upstream.batch_window_ms == 100
     assert cfg.state.polling_interval == 30.0
@@ -212,9 +212,14 @@ def test_default_forecast_fits_a_twentieth_of_helius_free():
 
     cfg = config.from_dict({}, environ={})
     f = forecast(cfg)
-    assert f.credits_pushed <= 50_000 and not f.exceeded
+    # The credits fit; the contract's default rate (100/s) is over the plan's 10/s, and the
+    # one line says so (the issue's second option: the contract fixes that default).
+    assert f.credits_pushed <= 50_000
+    assert f.exceeded == ["upstream.max_requests_per_second 100 > 10 req/s"]
     assert f.price_requests == 0.5 * 30 * 86400
-    assert "within Helius Free" in cost_line(cfg)
+    assert "exceeds Helius Free: upstream.max_requests_per_second 100 > 10 req/s" in cost_line(cfg)
+    fitted = config.from_dict({"upstream": {"max_requests_per_second": 10}}, environ={})
+    assert not forecast(fitted).exceeded and "within Helius Free" in cost_line(fitted)
     # Today's polling design: getProgramAccounts every 10 s is 2,592,000 credits a month.
     assert f.credits_polling >= 2_592_000
     loud = config.from_dict({"upstream": {"max_requests_per_second": 100, "method_rate_limits": {}},

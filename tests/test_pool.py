@@ -464,9 +464,10 @@ async def test_get_program_accounts_has_its_own_per_second_limit(
     assert pool.stats()["method_rate_limiters"]["getProgramAccounts"]["granted_cost"] == 15
 
 
-def test_defaults_fit_helius_free() -> None:
+def test_defaults_fit_helius_free_but_the_contract_rate() -> None:
     cfg = UpstreamConfig()
-    assert cfg.max_requests_per_second == 10 and cfg.method_rate_limits == {"getProgramAccounts": 5}
+    # 100/s is the contract's default (over Helius Free's 10/s: check-config says so).
+    assert cfg.max_requests_per_second == 100 and cfg.method_rate_limits == {"getProgramAccounts": 5}
     assert cfg.credits_per_month == 1_000_000 and cfg.max_batch_bytes == 45 * 1024
 
 

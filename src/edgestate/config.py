@@ -122,9 +122,11 @@ class UpstreamConfig:
     ws_url: str = ""
     commitment: str = "confirmed"
     max_connections: int = 10
-    # Requests per second towards the provider (each JSON-RPC call, batch items included):
-    # Helius Free allows 10. Credits are a separate, monthly budget (credits_per_month).
-    max_requests_per_second: float = 10.0
+    # Requests per second towards the provider (each JSON-RPC call, batch items included).
+    # The contract's (seed) default is 100; Helius Free allows 10, and serve / check-config
+    # say so in one line (upstream/costs.py) until it is set to the plan's limit.
+    # Credits are a separate, monthly budget (credits_per_month).
+    max_requests_per_second: float = 100.0
     # Per-method requests per second on top of the above (Helius Free: getProgramAccounts 5/s).
     method_rate_limits: Mapping[str, float] = field(
         default_factory=lambda: types.MappingProxyType({"getProgramAccounts": 5.0})
