@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .origins import check_entry
 
 _CLUSTERS = {
     "devnet": "https://api.devnet.solana.com",
@@ -66,6 +67,8 @@ class ServerConfig:
     bind: str = "127.0.0.1:8080"
     graceful_timeout: float = 5.0
     allowed_origins: tuple[str, ...] = ()
+    # When set, /stats, /metrics and /status are served only on this HOST:PORT.
+    internal_bind: str = ""
     # Processes serving the public port (>1: a supervisor, one feed process, N workers).
     workers: int = 1
     # SO_REUSEPORT on the listening socket: several processes share one port.
@@ -358,8 +361,13 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
         _check_url(value, where, ("ws", "wss"))
     if (section, key) == ("price", "url"):
         _check_url(value, where, ("http", "https"))
-    if (section, key) == ("server", "bind"):
+    if (section, key) == ("server", "bind") or ((section, key) == ("server", "internal_bind") and value):
         _check_bind(value, where)
+    if (section, key) == ("server", "allowed_origins"):
+        for i, entry in enumerate(value):
+            problem = check_entry(entry)
+            if problem is not None:
+                raise ConfigError(f"{where}[{i}]: {problem}")
     if (section, key) == ("upstream", "max_response_bytes") and value < _MIN_RESPONSE_BYTES:
         raise ConfigError(f"{where}: must be >= {_MIN_RESPONSE_BYTES} (64 KiB), got {value!r}")
     if (section, key) == ("server", "max_header_bytes") and value < 1024:

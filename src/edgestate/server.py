@@ -57,10 +57,19 @@ async def serve(
     throttle(logging.getLogger("trio.serve_listeners"), every=60.0)
     listener = await open_listener(cfg.server.bind, reuse_port=cfg.server.reuse_port)
     url = bound_url(listener)
+    listeners = [listener]
+    internal_url = ""
+    if cfg.server.internal_bind:  # the operator's port: same front door, only it serves /stats, /metrics, /status
+        internal = await open_listener(cfg.server.internal_bind, reuse_port=cfg.server.reuse_port)
+        listeners.append(internal)
+        internal_url = bound_url(internal)
     async with trio.open_nursery() as services_nursery:
         if demo:
             cfg = await _start_demo(cfg, services_nursery)
         services = build_services(cfg)
+        if len(listeners) > 1:
+            host, port = listeners[1].socket.getsockname()[:2]
+            services.internal_address = (str(host), int(port))
         if services.feed is not None:  # feed mode: the parent is our only upstream
             await services_nursery.start(services.hub.run)
             await services_nursery.start(services.feed.run)
@@ -78,13 +87,13 @@ async def serve(
         services.extra_stats["connections"] = door.stats
         await services_nursery.start(bridge.run)
         services_nursery.start_soon(_watch_signals, stop)
-        _log_startup(cfg, url, demo)
+        _log_startup(cfg, url, demo, internal_url)
 
         async with trio.open_nursery() as connections:
             with trio.CancelScope() as accepting:
                 services_nursery.start_soon(_stop_when, stop, accepting)
                 task_status.started((url, services))
-                await trio.serve_listeners(door.handle, [listener], handler_nursery=connections)
+                await trio.serve_listeners(door.handle, listeners, handler_nursery=connections)
             # Shutdown: no new connections; WebSocket clients get 1001 at once.
             log.info("shutting down: closing %d WebSocket clients, draining HTTP (up to %gs)",
                      len(services.hub), cfg.server.graceful_timeout)
@@ -124,9 +133,11 @@ async def _start_demo(cfg: Config, nursery: trio.Nursery) -> Config:
     return cfg.replace("price", url=sim_url + "/price/v3")
 
 
-def _log_startup(cfg: Config, url: str, demo: bool) -> None:
+def _log_startup(cfg: Config, url: str, demo: bool, internal_url: str = "") -> None:
     up, st = cfg.upstream, cfg.state
     log.info("edgestate %s listening on %s (HTTP + WebSocket /ws)%s", __version__, url, " [demo]" if demo else "")
+    if internal_url:
+        log.info("internal listener on %s: /stats, /metrics and /status are served only there", internal_url)
     if up.parent:
         log.info("feed mode: state and lookups from parent %s (no provider calls)",
                  ", ".join(redact(u) for u in up.parent))
