@@ -416,7 +416,11 @@ def from_dict(raw: Mapping[str, Any], *, source: str = "(defaults)", environ: Ma
         known = _keys(section)
         if key not in known:
             raise ConfigError(f"environment {name}: unknown key {section}.{key}{_closest(key, list(known))}")
-        merged[section][key] = (_parse_env_value(text), f"environment {name}")
+        value = _parse_env_value(text)
+        if isinstance(value, str) and known[key] == tuple[str, ...]:
+            # A list from the environment may be written plainly: "https://a,https://b" or "a b".
+            value = [item for item in re.split(r"[,\s]+", value) if item]
+        merged[section][key] = (value, f"environment {name}")
     if environ.get("HELIUS_API_KEY"):
         merged["upstream"]["helius_api_key"] = (environ["HELIUS_API_KEY"], "environment HELIUS_API_KEY")
     if environ.get("JUPITER_API_KEY"):

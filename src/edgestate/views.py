@@ -178,11 +178,20 @@ class ClientLimiter:
         return any(address in net for net in self._trusted)
 
     def client_address(self, peer: str | None, forwarded_for: str | None) -> str:
-        """The client's address; X-Forwarded-For only when the peer is a trusted proxy."""
+        """The client's address; X-Forwarded-For only when the peer is a trusted proxy.
+
+        Read from the right: each trusted proxy appends the address it got the request
+        from, so the first address that is not a trusted proxy is the client. Whatever
+        is left of it was written by the client itself and proves nothing.
+        """
         peer = peer or "?"
-        if forwarded_for and self.is_trusted(peer):
-            return forwarded_for.split(",")[0].strip() or peer
-        return peer
+        if not forwarded_for or not self.is_trusted(peer):
+            return peer
+        hops = [hop.strip() for hop in forwarded_for[-1024:].split(",")]
+        for hop in reversed(hops):
+            if hop and not self.is_trusted(hop):
+                return hop
+        return next((hop for hop in hops if hop), peer)
 
     def allow(self, address: str) -> bool:
         if self.rps <= 0:
