@@ -210,18 +210,20 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="(defaults)", compare=False)
+    # What was odd but not wrong (e.g. an EDGESTATE_* variable that names no key), one line each.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def replace(self, section: str, **changes: Any) -> Config:
         """A copy with some keys of one section changed (validated like a file)."""
         raw = to_dict(self)
         raw[section].update(changes)
-        return from_dict(raw, source=self.source, environ={})
+        return dataclasses.replace(from_dict(raw, source=self.source, environ={}), warnings=self.warnings)
 
 
 _SECTIONS: dict[str, type] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in dataclasses.fields(Config)
-    if f.name != "source"
+    if f.name not in ("source", "warnings")
 }
 # Keys filled from the environment only, never from the file.
 _ENV_ONLY = {("upstream", "helius_api_key"), ("price", "api_key")}
@@ -389,35 +391,46 @@ def _parse_env_value(text: str) -> Any:
 def from_dict(raw: Mapping[str, Any], *, source: str = "(defaults)", environ: Mapping[str, str] | None = None) -> Config:
     """Build a validated :class:`Config` from parsed TOML plus environment overrides.
 
+    Every problem is found, not only the first: the error's message has one line per
+    problem (``ConfigError.problems`` lists them). ``EDGESTATE_*`` variables that name no
+    key (Kubernetes injects ``EDGESTATE_SERVICE_PORT`` for a Service named edgestate)
+    are warnings in ``Config.warnings``; an empty value means unset.
+
     Raises:
-        ConfigError: one line naming the source, the key and the problem.
+        ConfigError: one line per problem, each naming the source, the key and what was wrong.
     """
     environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    warnings: list[str] = []
     merged: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in _SECTIONS}
     for section, table in raw.items():
         if section not in _SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{section}]{_closest(section, list(_SECTIONS))}")
+            problems.append(f"{source}: unknown section [{section}]{_closest(section, list(_SECTIONS))}")
+            continue
         if not isinstance(table, dict):
-            raise ConfigError(f"{source}: [{section}] must be a table, got {table!r}")
+            problems.append(f"{source}: [{section}] must be a table, got {table!r}")
+            continue
         known = _keys(section)
         for key, value in table.items():
             if key not in known:
-                raise ConfigError(f"{source}: unknown key {section}.{key}{_closest(key, list(known))}")
+                problems.append(f"{source}: unknown key {section}.{key}{_closest(key, list(known))}")
+                continue
             merged[section][key] = (value, f"{source}: {section}.{key}")
-    for name, text in environ.items():
+    for name, text in sorted(environ.items()):
         if not name.startswith("EDGESTATE_") or name == "EDGESTATE_CONFIG":
             continue
         rest = name[len("EDGESTATE_") :].lower()
-        found = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
-        if found is None:
-            raise ConfigError(f"environment {name}: unknown section{_closest(rest.split('_')[0], list(_SECTIONS))}")
-        section = found
-        key = rest[len(section) + 1 :]
-        known = _keys(section)
-        if key not in known:
-            raise ConfigError(f"environment {name}: unknown key {section}.{key}{_closest(key, list(known))}")
+        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        key = rest[len(section) + 1 :] if section is not None else ""
+        if section is None or key not in _keys(section):
+            match = difflib.get_close_matches(rest, [f"{s}_{k}" for s in _SECTIONS for k in _keys(s)], n=1, cutoff=0.85)
+            hint = f" (did you mean EDGESTATE_{match[0].upper()}?)" if match else ""
+            warnings.append(f"environment {name}: not a config key, ignored{hint}")
+            continue
+        if not text.strip():
+            continue  # empty = unset (e.g. a templated manifest that left it blank)
         value = _parse_env_value(text)
-        if isinstance(value, str) and known[key] == tuple[str, ...]:
+        if isinstance(value, str) and _keys(section)[key] == tuple[str, ...]:
             # A list from the environment may be written plainly: "https://a,https://b" or "a b".
             value = [item for item in re.split(r"[,\s]+", value) if item]
         merged[section][key] = (value, f"environment {name}")
@@ -431,11 +444,17 @@ def from_dict(raw: Mapping[str, Any], *, source: str = "(defaults)", environ: Ma
         hints = typing.get_type_hints(_SECTIONS[section])
         kwargs = {}
         for key, (value, where) in values.items():
-            value = _check_type(value, hints[key], where)
-            _validate(section, key, value, where)
+            try:
+                value = _check_type(value, hints[key], where)
+                _validate(section, key, value, where)
+            except ConfigError as exc:
+                problems.append(str(exc))
+                continue
             kwargs[key] = value
         sections[section] = _SECTIONS[section](**kwargs)
-    return Config(**sections, source=source)
+    if problems:
+        raise ConfigError("\n".join(problems), problems=problems)
+    return Config(**sections, source=source, warnings=tuple(warnings))
 
 
 def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
