@@ -420,9 +420,9 @@ def from_dict(raw: Mapping[str, Any], *, source: str = "(defaults)", environ: Ma
         if not name.startswith("EDGESTATE_") or name == "EDGESTATE_CONFIG":
             continue
         rest = name[len("EDGESTATE_") :].lower()
-        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
-        key = rest[len(section) + 1 :] if section is not None else ""
-        if section is None or key not in _keys(section):
+        env_section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        key = rest[len(env_section) + 1 :] if env_section is not None else ""
+        if env_section is None or key not in _keys(env_section):
             match = difflib.get_close_matches(rest, [f"{s}_{k}" for s in _SECTIONS for k in _keys(s)], n=1, cutoff=0.85)
             hint = f" (did you mean EDGESTATE_{match[0].upper()}?)" if match else ""
             warnings.append(f"environment {name}: not a config key, ignored{hint}")
@@ -430,10 +430,10 @@ def from_dict(raw: Mapping[str, Any], *, source: str = "(defaults)", environ: Ma
         if not text.strip():
             continue  # empty = unset (e.g. a templated manifest that left it blank)
         value = _parse_env_value(text)
-        if isinstance(value, str) and _keys(section)[key] == tuple[str, ...]:
+        if isinstance(value, str) and _keys(env_section)[key] == tuple[str, ...]:
             # A list from the environment may be written plainly: "https://a,https://b" or "a b".
             value = [item for item in re.split(r"[,\s]+", value) if item]
-        merged[section][key] = (value, f"environment {name}")
+        merged[env_section][key] = (value, f"environment {name}")
     if environ.get("HELIUS_API_KEY"):
         merged["upstream"]["helius_api_key"] = (environ["HELIUS_API_KEY"], "environment HELIUS_API_KEY")
     if environ.get("JUPITER_API_KEY"):
