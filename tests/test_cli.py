@@ -106,7 +106,15 @@ def test_demo_serves_then_exits_0_on_signal(tmp_path, sig):
             proc.wait()
     stderr = log.read_text()
     assert "Traceback" not in stderr
-    assert '"msg": "stopped"' in stderr
+    assert '"event": "stopped"' in stderr
+    assert "Running on" not in stderr  # the simulator's address is not announced as the server's
+    import json
+    import re
+
+    for line in stderr.splitlines():
+        doc = json.loads(line)  # every line one JSON object, with the fields log shippers index
+        assert {"ts", "level", "logger", "event"} <= set(doc), doc
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc["ts"]), doc["ts"]
 
 
 # ---- issue 13: config UX ---------------------------------------------------------------

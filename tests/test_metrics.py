@@ -176,3 +176,27 @@ def test_docs_and_dashboard_use_only_real_metrics():
     base = {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
     assert base <= known, sorted(base - known)
     assert {"edgestate_http_requests_total", "edgestate_provider_credits_total", "edgestate_ws_clients"} <= base
+
+
+async def test_refusals_are_counted_and_logged_at_debug(server, caplog, ws_connect):
+    caplog.set_level(logging.DEBUG, logger="edgestate")
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(b"GET /api/state HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        assert (await stream.receive_some(100)).startswith(b"HTTP/1.1 431")
+        await stream.aclose()
+        ws = await ws_connect(server.url, path="/ws")
+        await ws.message()
+        plain = await trio.open_tcp_stream(host, int(port))  # /ws without the upgrade headers: 426
+        await plain.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b" 426 " in await plain.receive_some(100)
+        await plain.aclose()
+    fams = parse(prometheus_text(server.services).decode())
+    refusals = {(s.labels["where"], s.labels["reason"]): s.value for s in fams["edgestate_refusals"][1]
+                if s.name.endswith("_total")}
+    assert refusals[("http", "431")] == 1
+    assert refusals[("ws", "handshake")] == 1
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "refused" in r.getMessage()]
+    assert any("431" in r.getMessage() for r in debug) and any("426" in r.getMessage() for r in debug)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "refused" in r.getMessage()]

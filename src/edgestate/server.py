@@ -126,6 +126,8 @@ async def _start_demo(cfg: Config, nursery: trio.Nursery) -> Config:
     from .sim import World, run_demo_drift, serve_simulator
 
     world = World.from_config(cfg)
+    # Its Hypercorn would announce "Running on <simulator>": people would take it for the server.
+    logging.getLogger("edgestate.sim.hypercorn").setLevel(logging.WARNING)
     sim_url = await nursery.start(serve_simulator, world, "127.0.0.1:0")
     nursery.start_soon(run_demo_drift, world)
     log.info("demo mode: simulated upstream at %s (no network, no keys)", sim_url)

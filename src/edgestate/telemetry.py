@@ -171,6 +171,16 @@ def outcome_of(exc: BaseException) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """One readable line for an exception: its message, else its type (never a repr)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return text or type(exc).__name__
+    """One readable line for an exception: its message, else its type (never a repr).
+
+    A closed WebSocket (trio-websocket's ``ConnectionClosed``, whose ``str()`` is a repr
+    of its close reason) reads as ``connection closed (1006 ABNORMAL_CLOSURE: why)``.
+    """
+    reason = getattr(exc, "reason", None)
+    code = getattr(reason, "code", None)
+    if isinstance(code, int):
+        name = getattr(reason, "name", "") or ""
+        why = getattr(reason, "reason", "") or ""
+        return f"connection closed ({code}{' ' + name if name else ''}{': ' + why if why else ''})"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -445,4 +445,6 @@ class Views:
         elapsed = trio.current_time() - started
         self.stats.record(route, status, elapsed, from_memory=route in MEMORY_ROUTES and status < 400)
         if not access_log.disabled and access_log.isEnabledFor(logging.INFO):
-            access_log.info('%s "%s %s" %d %.1fms', client, method, path or route, status, elapsed * 1000)
+            access_log.info('%s "%s %s" %d %.1fms', client, method, path or route, status, elapsed * 1000,
+                            extra={"method": method, "path": path or route, "status": status,
+                                   "duration_ms": round(elapsed * 1000, 3), "peer": client})

@@ -41,6 +41,7 @@ from typing import Any
 
 import trio
 
+from . import logs
 from .config import Config
 from .errors import ListenError
 from .listen import split_bind
@@ -73,6 +74,7 @@ async def run_member(cfg: Config, *, member: str, stats_dir: str, demo: bool = F
     """
     global _member_dir
     _member_dir = stats_dir
+    logs.set_worker(member)  # two members' lines must be told apart
     stop = trio.Event()
     path = Path(stats_dir) / f"{member}.json"
     async with trio.open_nursery() as nursery:
