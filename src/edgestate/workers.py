@@ -218,7 +218,9 @@ class Supervisor:
         self.members: list[_Member] = []
 
     def _argv(self, member: str, bind: str) -> list[str]:
-        argv = [self._python, "-m", "edgestate", "serve", "--bind", bind,
+        # A one-file build (packaging/build.sh) is its own interpreter: no "-m edgestate".
+        command = [self._python] if getattr(sys, "frozen", False) else [self._python, "-m", "edgestate"]
+        argv = [*command, "serve", "--bind", bind,
                 "--worker-id", member, "--stats-dir", self._stats_dir]
         if self._config_path is not None:
             argv += ["--config", self._config_path]
