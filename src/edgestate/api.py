@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
@@ -221,6 +222,17 @@ def create_app(services: Services, views: Views | None = None) -> MemoryRoutes:
     async def prometheus() -> Response:
         return Response(metrics.prometheus_text(services), content_type="text/plain; version=0.0.4; charset=utf-8",
                         headers={"cache-control": "no-store"})
+
+    status_page = resources.files("edgestate").joinpath("status.html").read_bytes()
+
+    @app.get("/status")
+    async def status() -> Response:
+        # One file, no external assets: it reads /stats and /ws of the server that served it.
+        return Response(status_page, content_type="text/html; charset=utf-8", headers={
+            "cache-control": "no-store",
+            "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                       "connect-src 'self' ws: wss:; img-src data:",
+        })
 
     @app.get("/api/price/<mint>")
     async def price(mint: str) -> Response:
