@@ -97,6 +97,8 @@ async def test_empty_allowlist_star_on_every_response(nursery, sim):
             assert resp.status_code == 405 and resp.headers[ACAO] == "*"
             resp = await client.get("/api/state", headers={"Origin": "https://anyone.example"})
             assert resp.headers[ACAO] == "*"
+            # A page polling with If-None-Match must be allowed to read the ETag.
+            assert "ETag" in resp.headers["access-control-expose-headers"]
             etag = resp.headers["etag"]
             resp = await client.get("/api/state", headers={"If-None-Match": etag})
             assert resp.status_code == 304 and resp.headers[ACAO] == "*"

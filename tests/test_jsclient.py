@@ -56,10 +56,13 @@ async def test_client_reconnects_by_close_code_and_polls_meanwhile(nursery, sim,
         server.services.hub.close_all(1013, "server full, try again later")
         close = await page.wait_for("window.client.status === 'polling' && window.client.lastClose")
         assert close["code"] == 1013 and close["delay"] >= 1500
+        await trio.sleep(0.3)  # a few polls of the unchanged state: 304s
         sim.world.set_jackpot(sim.world.jackpot + 1_000_000_000)
         want = sim.world.jackpot / 1e9
         # Not over /ws (it is down): by polling, cross-origin (CORS) with ETags.
         await page.wait_for(f"window.client.status === 'polling' && window.states.some((s) => s.jackpot === {want})")
+        # The page could read the ETag cross-origin (Access-Control-Expose-Headers) and polls with it.
+        assert await page.evaluate("window.client._etag")
         await wait_for(lambda: server.services.extra_stats["api"]()["not_modified"] > not_modified)
         await page.wait_for("window.client.status === 'open'", timeout=5)
 

@@ -227,7 +227,10 @@ class Views:
         # Cache-safe CORS (a CDN may store an answer made for one origin, or for none, and
         # serve it to another): with any origin allowed, "*" on every response, whatever
         # the request had; with a list, the origin echoed and Vary: Origin on every response.
-        self._cors_any: Headers = [(b"access-control-allow-origin", b"*")]
+        # A page must read ETag (to poll with If-None-Match) and Retry-After: CORS hides
+        # every response header but a few unless they are exposed.
+        self._expose: Headers = [(b"access-control-expose-headers", b"ETag, Retry-After")]
+        self._cors_any: Headers = [(b"access-control-allow-origin", b"*"), *self._expose]
         self._cors_vary: Headers = [(b"vary", b"Origin")]
         # The state changes every few seconds: browsers and CDNs may reuse it for 1 s and
         # serve it stale while revalidating for a few more.
@@ -418,7 +421,7 @@ class Views:
         if self.origins.any:
             return self._cors_any
         if origin is not None and self.origins.allows(origin):
-            return [(b"access-control-allow-origin", origin.encode("latin-1")), *self._cors_vary]
+            return [(b"access-control-allow-origin", origin.encode("latin-1")), *self._expose, *self._cors_vary]
         return self._cors_vary
 
     def preflight_headers(self, origin: str | None) -> Headers:
