@@ -267,7 +267,10 @@ class Supervisor:
 
     async def _start_feed(self, nursery: trio.Nursery) -> str:
         # Port 0 first; restarts reuse the port it got, so workers find it again.
-        feed = _Member(FEED, self._argv(FEED, "127.0.0.1:0"), self._base_env())
+        env = self._base_env()
+        if self._cfg.server.internal_bind:  # every member serves it: they share it like the public port
+            env["EDGESTATE_SERVER_REUSE_PORT"] = "true"
+        feed = _Member(FEED, self._argv(FEED, "127.0.0.1:0"), env)
         self.members.append(feed)
         url: str = await nursery.start(self._keep, feed)
         feed.argv = self._argv(FEED, url.removeprefix("http://"))
