@@ -200,3 +200,17 @@ async def test_refusals_are_counted_and_logged_at_debug(server, caplog, ws_conne
     debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "refused" in r.getMessage()]
     assert any("431" in r.getMessage() for r in debug) and any("426" in r.getMessage() for r in debug)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "refused" in r.getMessage()]
+
+
+async def test_a_new_stats_key_is_still_exported_but_never_as_a_name_of_data(server):
+    # Another component (issue 11) may add figures: they appear as gauges by their path,
+    # while tables keyed by data (methods, URLs) never turn into metric names.
+    server.services.extra_stats["budget_extra"] = lambda: {"projected_credits": 12.5,
+                                                           "by_method": {"getBalance": 3}}
+    try:
+        fams = parse(prometheus_text(server.services).decode())
+    finally:
+        del server.services.extra_stats["budget_extra"]
+    assert fams["edgestate_budget_extra_projected_credits"][0] == "gauge"
+    assert fams["edgestate_budget_extra_projected_credits"][1][0].value == 12.5
+    assert not [name for name in fams if "getbalance" in name.lower()]
