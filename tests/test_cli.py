@@ -106,7 +106,70 @@ def test_demo_serves_then_exits_0_on_signal(tmp_path, sig):
             proc.wait()
     stderr = log.read_text()
     assert "Traceback" not in stderr
-    assert '"msg": "stopped"' in stderr
+    assert '"event": "stopped"' in stderr
+    assert "Running on" not in stderr  # the simulator's address is not announced as the server's
+    import json
+    import re
+
+    for line in stderr.splitlines():
+        doc = json.loads(line)  # every line one JSON object, with the fields log shippers index
+        assert {"ts", "level", "logger", "event"} <= set(doc), doc
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc["ts"]), doc["ts"]
+
+
+# ---- issue 13: config UX ---------------------------------------------------------------
+
+
+def test_genconfig_prints_the_shipped_config_and_it_passes_check_config(tmp_path):
+    from pathlib import Path
+
+    from edgestate import config
+
+    result = run("genconfig")
+    assert result.returncode == 0 and result.stderr == ""
+    root = Path(__file__).resolve().parents[1]
+    assert result.stdout == (root / "config.toml").read_text(encoding="utf-8")  # one text, two places
+    assert result.stdout == (root / "src/edgestate/config.toml").read_text(encoding="utf-8")
+    path = tmp_path / "gen.toml"
+    path.write_text(result.stdout)
+    checked = run("check-config", "--config", str(path), env={"PATH": os.environ.get("PATH", "")})
+    # Nothing but the cost line's warning (the contract's 100 req/s default is over Helius Free's 10).
+    assert checked.returncode == 0, checked.stderr
+    assert [line for line in checked.stderr.splitlines() if not line.startswith("edgestate: warning: cost:")] == []
+    generated = config.load(path, environ={})
+    assert generated == config.from_dict({}, environ={})  # the defaults, exactly
+    # Every key, commented: each appears as "key = " in its section, with a comment on its line or above.
+    text = result.stdout
+    for section, table in config.to_dict(config.from_dict({}, environ={})).items():
+        body = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
+        for key in table:
+            # A key whose default depends on the environment is shown commented out (price.
+            # max_requests_per_second: 0.5/s keyless, the key's plan with JUPITER_API_KEY).
+            present = f"\n{key} = " in "\n" + body or f"\n# {key} = " in "\n" + body
+            assert present, f"{section}.{key} missing from config.toml"
+
+
+def test_check_config_lists_every_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[server]\nbind = "nowhere"\nallowed_origins = ["https://app.example/"]\n'
+                    '[upstream]\nmax_conections = 3\nmax_retries = -1\n[nope]\n')
+    result = run("check-config", "--config", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 5, lines
+    assert all(line.startswith(f"edgestate: config error: {path}: ") for line in lines)
+    for needle in ("server.bind", "allowed_origins[0]", "max_conections", "max_retries", "[nope]"):
+        assert any(needle in line for line in lines), needle
+
+
+def test_unknown_edgestate_variables_warn_and_empty_values_are_unset(tmp_path):
+    env = {"PATH": os.environ.get("PATH", ""), "EDGESTATE_SERVICE_PORT": "tcp://10.0.0.1:80",
+           "EDGESTATE_SERVICE_HOST": "10.0.0.1", "EDGESTATE_UPSTREAM_MAX_CONNECTIONS": "",
+           "EDGESTATE_CONFIG": "/dev/null"}
+    result = run("check-config", env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "EDGESTATE_SERVICE_PORT: not a config key, ignored" in result.stderr
+    assert "max_connections = 10" in result.stdout
 
 
 def test_check_config_says_what_it_costs_and_which_limit_it_exceeds(tmp_path, capsys):

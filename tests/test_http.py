@@ -209,8 +209,8 @@ async def test_stats_metrics_and_no_secret_anywhere(api):
     metrics = await api.get("/metrics")
     assert metrics.status_code == 200
     families = {f.name for f in text_string_to_metric_families(metrics.text)}
-    assert "edgestate_broadcaster_subscribers" in families
-    assert "edgestate_api_requests" in families
+    assert "edgestate_ws_clients" in families
+    assert "edgestate_http_requests" in families  # the parser names a counter without _total
     for resp in (stats, metrics, await api.get("/health"), await api.get("/ready")):
         assert SECRET not in resp.text
     assert "api-key=***" in stats.text

@@ -143,3 +143,37 @@ async def test_busy_port_fails_fast_with_exit_1(nursery, sim, tmp_path):
         assert "address already in use" in group.log
     finally:
         await listener.aclose()
+
+
+async def test_internal_bind_in_a_group_serves_metrics_with_worker_labels(nursery, sim, tmp_path):
+    import socket
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        internal = s.getsockname()[1]
+    path = write_config(tmp_path, sim.url)
+    text = (tmp_path / "edgestate.toml").read_text()
+    (tmp_path / "edgestate.toml").write_text(
+        text.replace("[server]\n", f'[server]\ninternal_bind = "127.0.0.1:{internal}"\n', 1))
+    group = await start_group(nursery, "--workers", "2", "--config", path)
+    try:
+        url = await group.url()
+        async with httpx.AsyncClient() as client:
+            with trio.fail_after(10):
+                assert (await client.get(url + "/metrics")).status_code == 404
+                seen = set()
+                for _ in range(20):  # SO_REUSEPORT spreads scrapes over the members
+                    metrics = (await client.get(f"http://127.0.0.1:{internal}/metrics",
+                                                headers={"connection": "close"})).text
+                    for fam in text_string_to_metric_families(metrics):
+                        for sample in fam.samples:
+                            assert "worker" in sample.labels, sample
+                            seen.add(sample.labels["worker"])
+        assert seen and seen <= {"feed", "0", "1"}
+    finally:
+        group.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await group.proc.wait()
+    assert group.proc.returncode == 0, group.log

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgestate.api")
 
 JSON = "application/json"
+# Served only on server.internal_bind when it is set.
+INTERNAL_ROUTES = frozenset({"/stats", "/metrics", "/status"})
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -45,6 +48,13 @@ class MemoryRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
+        if path in INTERNAL_ROUTES and not self.internal_ok(scope):
+            # Checked here, not only at the front door: later requests of a keep-alive
+            # connection reach Hypercorn without passing the door again.
+            await _send_not_found(send, path)
+            self.views.record(scope.get("method", "GET"), "(internal only)", (scope.get("client") or ("?", 0))[0],
+                              404, trio.current_time(), path)
+            return
         if scope["type"] != "http" or path not in MEMORY_ROUTES:
             await self._app(scope, receive, send)  # type: ignore[arg-type]  # ASGI dicts vs Quart's TypedDicts
             return
@@ -55,6 +65,25 @@ class MemoryRoutes:
         await send({"type": "http.response.start", "status": status, "headers": extra})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
         self.views.record(scope["method"], path, client, status, started)
+
+
+    def internal_ok(self, scope: Scope) -> bool:
+        """Whether an internal route may be answered on the listener ``scope`` came in on."""
+        internal = self.views.services.internal_address
+        if internal is None:
+            return True
+        server = scope.get("server")
+        if server is None or int(server[1]) != internal[1]:
+            return False
+        # Bound to a wildcard address, the connection's local address is a concrete one.
+        return internal[0] in ("0.0.0.0", "::") or str(server[0]) == internal[0]
+
+
+async def _send_not_found(send: Send, path: str) -> None:
+    body = error_body("not_found", f"no route {path}")
+    await send({"type": "http.response.start", "status": 404,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -193,6 +222,17 @@ def create_app(services: Services, views: Views | None = None) -> MemoryRoutes:
     async def prometheus() -> Response:
         return Response(metrics.prometheus_text(services), content_type="text/plain; version=0.0.4; charset=utf-8",
                         headers={"cache-control": "no-store"})
+
+    status_page = resources.files("edgestate").joinpath("status.html").read_bytes()
+
+    @app.get("/status")
+    async def status() -> Response:
+        # One file, no external assets: it reads /stats and /ws of the server that served it.
+        return Response(status_page, content_type="text/html; charset=utf-8", headers={
+            "cache-control": "no-store",
+            "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                       "connect-src 'self' ws: wss:; img-src data:",
+        })
 
     @app.get("/api/price/<mint>")
     async def price(mint: str) -> Response:

@@ -23,6 +23,7 @@ import trio
 from . import wsframes
 from .config import WsConfig
 from .state import SharedState, Snapshot
+from .telemetry import Telemetry
 
 log = logging.getLogger("edgestate.broadcast")
 
@@ -187,6 +188,7 @@ class Hub:
         self.broadcasts = 0
         self.last_cpu_s = 0.0
         self._durations: collections.deque[float] = collections.deque(maxlen=256)
+        self.telemetry = Telemetry()  # services.py hands in the process's own (/metrics)
         self._unsubscribe = state.subscribe(self._on_snapshot)
 
     @property
@@ -258,6 +260,7 @@ class Hub:
             await trio.lowlevel.checkpoint()
         self.broadcasts += 1
         self._durations.append(trio.current_time() - started)
+        self.telemetry.broadcast_duration.observe(self._durations[-1])
         self.last_cpu_s = time.process_time() - cpu0
 
     async def _heartbeat(self) -> None:

@@ -1,4 +1,4 @@
-"""The ``edgestate`` command: serve, simulate, check-config.
+"""The ``edgestate`` command: serve, simulate, check-config, genconfig.
 
 Exit codes: 0 normal end (also after SIGTERM/SIGINT), 1 runtime failure (e.g. port
 busy), 2 bad usage or bad config. Errors are one line on stderr, never a traceback.
@@ -51,7 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--demo", action="store_true", help="let prices drift and participants join")
     check = sub.add_parser("check-config", help="validate and print the effective config (secrets as ***)")
     check.add_argument("--config", help="config file (default: $EDGESTATE_CONFIG, else ./config.toml)")
+    sub.add_parser("genconfig", help="print the documented default config.toml (every key, commented)")
     return parser
+
+
+def default_config_text() -> str:
+    """The documented default config.toml shipped in the package (``edgestate genconfig``)."""
+    from importlib import resources
+
+    return resources.files("edgestate").joinpath("config.toml").read_text(encoding="utf-8")
 
 
 def _load(args: argparse.Namespace) -> config.Config:
@@ -89,17 +97,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     try:
         args = _parser().parse_args(argv)
+        if args.command == "genconfig":
+            sys.stdout.write(default_config_text())
+            return 0
         cfg = _load(args)
     except UsageError as exc:
         print(f"edgestate: error: {exc}", file=sys.stderr)
         return 2
     except ConfigError as exc:
-        print(f"edgestate: config error: {exc}", file=sys.stderr)
+        for problem in exc.problems:  # every problem of the file, one line each
+            print(f"edgestate: config error: {problem}", file=sys.stderr)
         return 2
 
     from .upstream.costs import cost_line, forecast
 
     if args.command == "check-config":
+        for warning in cfg.warnings:
+            print(f"edgestate: warning: {warning}", file=sys.stderr)
         sys.stdout.write(config.to_toml(cfg))
         # What it costs a month, as a TOML comment (the output stays valid TOML).
         sys.stdout.write(f"# {cost_line(cfg)}\n")
@@ -111,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve" and args.worker_id is None:
         exceeded = bool(forecast(cfg).exceeded) and not cfg.upstream.parent
         log.log(logging.WARNING if exceeded else logging.INFO, "%s", cost_line(cfg))
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
     try:
         if args.command == "serve" and args.worker_id is not None:
             from .workers import run_member
@@ -134,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if error is None:
             raise
         kind = "config error" if isinstance(error, ConfigError) else "error"
-        print(f"edgestate: {kind}: {error}", file=sys.stderr)
+        for line in error.problems if isinstance(error, ConfigError) else [str(error)]:
+            print(f"edgestate: {kind}: {line}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .origins import check_entry
 
 _CLUSTERS = {
     "devnet": "https://api.devnet.solana.com",
@@ -101,6 +102,8 @@ class ServerConfig:
     bind: str = "127.0.0.1:8080"
     graceful_timeout: float = 5.0
     allowed_origins: tuple[str, ...] = ()
+    # When set, /stats, /metrics and /status are served only on this HOST:PORT.
+    internal_bind: str = ""
     # Processes serving the public port (>1: a supervisor, one feed process, N workers).
     workers: int = 1
     # SO_REUSEPORT on the listening socket: several processes share one port.
@@ -286,18 +289,20 @@ class Config:
     rpc: RpcConfig = field(default_factory=RpcConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="(defaults)", compare=False)
+    # What was odd but not wrong (e.g. an EDGESTATE_* variable that names no key), one line each.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def replace(self, section: str, **changes: Any) -> Config:
         """A copy with some keys of one section changed (validated like a file)."""
         raw = to_dict(self)
         raw[section].update(changes)
-        return from_dict(raw, source=self.source, environ={})
+        return dataclasses.replace(from_dict(raw, source=self.source, environ={}), warnings=self.warnings)
 
 
 _SECTIONS: dict[str, type] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in dataclasses.fields(Config)
-    if f.name != "source"
+    if f.name not in ("source", "warnings")
 }
 # Keys filled from the environment only, never from the file.
 _ENV_ONLY = {("upstream", "helius_api_key"), ("price", "api_key")}
@@ -440,8 +445,13 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
         _check_url(value, where, ("ws", "wss"))
     if (section, key) == ("price", "url"):
         _check_url(value, where, ("http", "https"))
-    if (section, key) == ("server", "bind"):
+    if (section, key) == ("server", "bind") or ((section, key) == ("server", "internal_bind") and value):
         _check_bind(value, where)
+    if (section, key) == ("server", "allowed_origins"):
+        for i, entry in enumerate(value):
+            problem = check_entry(entry)
+            if problem is not None:
+                raise ConfigError(f"{where}[{i}]: {problem}")
     if (section, key) == ("upstream", "max_response_bytes") and value < _MIN_RESPONSE_BYTES:
         raise ConfigError(f"{where}: must be >= {_MIN_RESPONSE_BYTES} (64 KiB), got {value!r}")
     if (section, key) == ("server", "max_header_bytes") and value < 1024:
@@ -479,34 +489,49 @@ def _parse_env_value(text: str) -> Any:
 def from_dict(raw: Mapping[str, Any], *, source: str = "(defaults)", environ: Mapping[str, str] | None = None) -> Config:
     """Build a validated :class:`Config` from parsed TOML plus environment overrides.
 
+    Every problem is found, not only the first: the error's message has one line per
+    problem (``ConfigError.problems`` lists them). ``EDGESTATE_*`` variables that name no
+    key (Kubernetes injects ``EDGESTATE_SERVICE_PORT`` for a Service named edgestate)
+    are warnings in ``Config.warnings``; an empty value means unset.
+
     Raises:
-        ConfigError: one line naming the source, the key and the problem.
+        ConfigError: one line per problem, each naming the source, the key and what was wrong.
     """
     environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    warnings: list[str] = []
     merged: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in _SECTIONS}
     for section, table in raw.items():
         if section not in _SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{section}]{_closest(section, list(_SECTIONS))}")
+            problems.append(f"{source}: unknown section [{section}]{_closest(section, list(_SECTIONS))}")
+            continue
         if not isinstance(table, dict):
-            raise ConfigError(f"{source}: [{section}] must be a table, got {table!r}")
+            problems.append(f"{source}: [{section}] must be a table, got {table!r}")
+            continue
         known = _keys(section)
         for key, value in table.items():
             if key not in known:
-                raise ConfigError(f"{source}: unknown key {section}.{key}{_closest(key, list(known))}")
+                problems.append(f"{source}: unknown key {section}.{key}{_closest(key, list(known))}")
+                continue
             merged[section][key] = (value, f"{source}: {section}.{key}")
-    for name, text in environ.items():
+    for name, text in sorted(environ.items()):
         if not name.startswith("EDGESTATE_") or name == "EDGESTATE_CONFIG":
             continue
         rest = name[len("EDGESTATE_") :].lower()
-        found = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
-        if found is None:
-            raise ConfigError(f"environment {name}: unknown section{_closest(rest.split('_')[0], list(_SECTIONS))}")
-        section = found
-        key = rest[len(section) + 1 :]
-        known = _keys(section)
-        if key not in known:
-            raise ConfigError(f"environment {name}: unknown key {section}.{key}{_closest(key, list(known))}")
-        merged[section][key] = (_parse_env_value(text), f"environment {name}")
+        env_section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        key = rest[len(env_section) + 1 :] if env_section is not None else ""
+        if env_section is None or key not in _keys(env_section):
+            match = difflib.get_close_matches(rest, [f"{s}_{k}" for s in _SECTIONS for k in _keys(s)], n=1, cutoff=0.85)
+            hint = f" (did you mean EDGESTATE_{match[0].upper()}?)" if match else ""
+            warnings.append(f"environment {name}: not a config key, ignored{hint}")
+            continue
+        if not text.strip():
+            continue  # empty = unset (e.g. a templated manifest that left it blank)
+        value = _parse_env_value(text)
+        if isinstance(value, str) and _keys(env_section)[key] == tuple[str, ...]:
+            # A list from the environment may be written plainly: "https://a,https://b" or "a b".
+            value = [item for item in re.split(r"[,\s]+", value) if item]
+        merged[env_section][key] = (value, f"environment {name}")
     if environ.get("HELIUS_API_KEY"):
         merged["upstream"]["helius_api_key"] = (environ["HELIUS_API_KEY"], "environment HELIUS_API_KEY")
     if environ.get("JUPITER_API_KEY"):
@@ -519,11 +544,17 @@ def from_dict(raw: Mapping[str, Any], *, source: str = "(defaults)", environ: Ma
         hints = typing.get_type_hints(_SECTIONS[section])
         kwargs = {}
         for key, (value, where) in values.items():
-            value = _check_type(value, hints[key], where)
-            _validate(section, key, value, where)
+            try:
+                value = _check_type(value, hints[key], where)
+                _validate(section, key, value, where)
+            except ConfigError as exc:
+                problems.append(str(exc))
+                continue
             kwargs[key] = value
         sections[section] = _SECTIONS[section](**kwargs)
-    cfg = Config(**sections, source=source)
+    if problems:
+        raise ConfigError("\n".join(problems), problems=problems)
+    cfg = Config(**sections, source=source, warnings=tuple(warnings))
     _check_cluster(cfg, merged)
     return cfg
 
@@ -551,7 +582,7 @@ def _check_cluster(cfg: Config, merged: Mapping[str, Mapping[str, tuple[Any, str
                 where = merged[section][key][1] if key in merged[section] else f"{cfg.source}: {section}.{key}"
                 problems.append(f"{where}: the default ({what}) is not an account of mainnet-beta; set yours")
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ConfigError("\n".join(problems), problems=problems)
 
 
 def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:

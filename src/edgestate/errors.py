@@ -23,7 +23,14 @@ class EdgeStateError(Exception):
 
 
 class ConfigError(EdgeStateError):
-    """The configuration is invalid; the message is one line naming file, key, problem."""
+    """The configuration is invalid; one line per problem, naming file, key, problem.
+
+    ``problems`` lists them (one for most errors; every one found for a whole file).
+    """
+
+    def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
 
 
 class ListenError(EdgeStateError):

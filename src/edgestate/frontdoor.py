@@ -136,12 +136,15 @@ class FrontDoor:
         if self.open >= self._capacity:
             self.refused_full += 1
             why = f"server full ({self._capacity} connections)"
+            self._services.telemetry.refused("connection", "server_full")
         elif limit and self._per_client[host] >= limit and not self._views.limiter.is_trusted(host):
             self.refused_per_client += 1
             why = f"too many connections from {host} (limit {limit})"
+            self._services.telemetry.refused("connection", "per_client")
         if why:
+            log.debug("refused a connection from %s: 503 %s", host, why)
             _refuse_now(stream, error_response(503, "overloaded", why + "; try again later", date=self._date.get(),
-                                               extra=[(b"retry-after", b"5")]))
+                                               extra=[(b"retry-after", b"5"), *self._views.cors_headers(None)]))
             now = trio.current_time()
             if now >= self._next_refusal_log:
                 self._next_refusal_log = now + _REFUSAL_LOG_EVERY
@@ -222,8 +225,10 @@ class FrontDoor:
             self.head_timeouts += 1
         else:
             self.bad_requests += 1
+        self._services.telemetry.refused("http", str(exc.status))
         log.debug("refused a request from %s: %d %s", host, exc.status, exc.message)
-        await self._send(stream, error_response(exc.status, exc.code, exc.message, date=self._date.get()))
+        await self._send(stream, error_response(exc.status, exc.code, exc.message, date=self._date.get(),
+                                                extra=self._views.cors_headers(None)))
 
     async def _accept_ws(self, stream: trio.SocketStream, request: Request, rest: bytes) -> Session | None:
         return await ws.accept_ws(stream, request, rest, self._services.hub, self._cfg)

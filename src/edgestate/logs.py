@@ -19,10 +19,29 @@ def scrub(text: str) -> str:
     return _SECRET.sub(r"\1***", text)
 
 
+# This process's member id in a worker group ("feed", "0", "1", ...): on every line.
+_worker: str | None = None
+
+# Structured fields a record may carry (logger.info(..., extra={...})); JSON writes them as
+# keys, text appends the ones its message does not already say.
+FIELDS = ("method", "path", "status", "duration_ms", "peer")
+
+
+def set_worker(member: str | None) -> None:
+    """Tag every following log line of this process with its worker id (None: no tag)."""
+    global _worker
+    _worker = member
+
+
+def _rfc3339(created: float) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    return f"{stamp}.{int(created * 1000) % 1000:03d}Z"
+
+
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname:<7} {record.name}: {record.getMessage()}"
+        worker = f" [worker {_worker}]" if _worker is not None else ""
+        line = f"{_rfc3339(record.created)} {record.levelname:<7} {record.name}{worker}: {record.getMessage()}"
         if record.exc_info and record.levelno >= logging.ERROR:
             # Unexpected failures keep their traceback for the operator, on stderr only.
             line += "\n" + self.formatException(record.exc_info)
@@ -30,13 +49,21 @@ class _TextFormatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts (RFC 3339), level, logger, event, the structured fields, worker."""
+
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "ts": round(record.created, 3),
+        doc: dict[str, object] = {
+            "ts": _rfc3339(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": scrub(record.getMessage()),
+            "event": scrub(record.getMessage()),
         }
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                doc[name] = scrub(value) if isinstance(value, str) else value
+        if _worker is not None:
+            doc["worker"] = _worker
         if record.exc_info and record.levelno >= logging.ERROR:
             doc["exc"] = scrub(self.formatException(record.exc_info))
         return json.dumps(doc, default=str)

@@ -55,10 +55,19 @@ async def serve(
     capacity = connection_capacity(cfg.server.max_connections, cfg.ws.max_clients)
     listener = await open_listener(cfg.server.bind, reuse_port=cfg.server.reuse_port)
     url = bound_url(listener)
+    listeners = [listener]
+    internal_url = ""
+    if cfg.server.internal_bind:  # the operator's port: same front door, only it serves /stats, /metrics, /status
+        internal = await open_listener(cfg.server.internal_bind, reuse_port=cfg.server.reuse_port)
+        listeners.append(internal)
+        internal_url = bound_url(internal)
     async with trio.open_nursery() as services_nursery:
         if demo:
             cfg = await _start_demo(cfg, services_nursery)
         services = build_services(cfg)
+        if len(listeners) > 1:
+            host, port = listeners[1].socket.getsockname()[:2]
+            services.internal_address = (str(host), int(port))
         if services.feed is not None:  # feed mode: the parent is our only upstream
             await services_nursery.start(services.hub.run)
             await services_nursery.start(services.feed.run)
@@ -82,13 +91,15 @@ async def serve(
             door.upgrades["/rpc"] = services.rpc_proxy.accept_ws  # GET /rpc: Solana PubSub (rpc/session.py)
         await services_nursery.start(bridge.run)
         services_nursery.start_soon(_watch_signals, stop)
-        _log_startup(cfg, url, demo)
+        _log_startup(cfg, url, demo, internal_url)
 
         async with trio.open_nursery() as connections:
             with trio.CancelScope() as accepting:
                 services_nursery.start_soon(_stop_when, stop, accepting)
                 task_status.started((url, services))
-                await accept_forever(listener, door.handle, connections)
+                async with trio.open_nursery() as acceptors:  # the public port, and the internal one if set
+                    for each in listeners:
+                        acceptors.start_soon(accept_forever, each, door.handle, connections)
             # Shutdown: no new connections; WebSocket clients get 1001 at once.
             log.info("shutting down: closing %d WebSocket clients, draining HTTP (up to %gs)",
                      len(services.hub), cfg.server.graceful_timeout)
@@ -121,6 +132,8 @@ async def _start_demo(cfg: Config, nursery: trio.Nursery) -> Config:
     from .sim import World, run_demo_drift, serve_simulator
 
     world = World.from_config(cfg)
+    # Its Hypercorn would announce "Running on <simulator>": people would take it for the server.
+    logging.getLogger("edgestate.sim.hypercorn").setLevel(logging.WARNING)
     sim_url = await nursery.start(serve_simulator, world, "127.0.0.1:0")
     nursery.start_soon(run_demo_drift, world)
     log.info("demo mode: simulated upstream at %s (no network, no keys)", sim_url)
@@ -128,9 +141,11 @@ async def _start_demo(cfg: Config, nursery: trio.Nursery) -> Config:
     return cfg.replace("price", url=sim_url + "/price/v3")
 
 
-def _log_startup(cfg: Config, url: str, demo: bool) -> None:
+def _log_startup(cfg: Config, url: str, demo: bool, internal_url: str = "") -> None:
     up, st = cfg.upstream, cfg.state
     log.info("edgestate %s listening on %s (HTTP + WebSocket /ws)%s", __version__, url, " [demo]" if demo else "")
+    if internal_url:
+        log.info("internal listener on %s: /stats, /metrics and /status are served only there", internal_url)
     if up.parent:
         log.info("feed mode: state and lookups from parent %s (no provider calls)",
                  ", ".join(redact(u) for u in up.parent))

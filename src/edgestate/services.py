@@ -14,6 +14,7 @@ from .config import Config
 from .feed import ParentFeed, ParentPrices, ParentRpc
 from .refresh import Refresher
 from .state import SharedState
+from .telemetry import Telemetry
 from .upstream.pool import Pool
 from .upstream.prices import PriceClient
 from .upstream.ratelimit import RateLimiter
@@ -45,6 +46,11 @@ class Services:
     extra_stats: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     # Set by workers.py in a worker group: every member's /stats (GET /stats?scope=all).
     collect_all: Callable[[], dict[str, Any] | None] | None = None
+    # Counters and histograms for /metrics, shared by the components above.
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    # (host, port) of the server.internal_bind listener once bound: /stats, /metrics and
+    # /status answer only there (None: no internal listener, they answer everywhere).
+    internal_address: tuple[str, int] | None = None
 
 
 def build_services(cfg: Config) -> Services:
@@ -68,10 +74,18 @@ def build_services(cfg: Config) -> Services:
                                    timeout=cfg.upstream.request_timeout)
         refresher = Refresher(cfg, state, solana, price_client, limiter=limiter)
         rpc, prices = solana, price_client
+    telemetry = Telemetry()
+    hub = Hub(cfg.ws, state)
+    hub.telemetry = telemetry
+    if pool is not None:
+        pool.telemetry = telemetry
+    if isinstance(prices, PriceClient):
+        prices.telemetry = telemetry
     return Services(
         cfg=cfg,
         state=state,
-        hub=Hub(cfg.ws, state),
+        hub=hub,
+        telemetry=telemetry,
         limiter=limiter,
         cache=cache,
         pool=pool,

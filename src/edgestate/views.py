@@ -24,7 +24,9 @@ from solders.pubkey import Pubkey
 from .cache import Cached
 from .errors import EdgeStateError, Overloaded, RateLimited, UpstreamTimeout
 from .limits import PRICE_COST, LookupLimiter, balances_cost
+from .origins import OriginPolicy
 from .state import Snapshot, etag_of
+from .telemetry import Telemetry
 
 if TYPE_CHECKING:
     from .services import Services
@@ -103,9 +105,14 @@ class HttpDate:
 
 
 class ApiStats:
-    """Requests by route and status, latency percentiles, request rate."""
+    """Requests by route and status, latency percentiles, request rate.
 
-    def __init__(self) -> None:
+    Args:
+        telemetry: where /metrics counts the same requests (route, status, duration).
+    """
+
+    def __init__(self, telemetry: Telemetry | None = None) -> None:
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.by_route: collections.Counter[str] = collections.Counter()
         self.by_status: collections.Counter[int] = collections.Counter()
         self.requests = 0
@@ -125,6 +132,8 @@ class ApiStats:
         self.from_memory += from_memory
         self._latencies.append(seconds)
         self._recent.append(trio.current_time())
+        self.telemetry.http_requests.inc(route, str(status))
+        self.telemetry.http_duration.observe(seconds, route)
 
     def stats(self) -> dict[str, Any]:
         now = trio.current_time()
@@ -169,11 +178,20 @@ class ClientLimiter:
         return any(address in net for net in self._trusted)
 
     def client_address(self, peer: str | None, forwarded_for: str | None) -> str:
-        """The client's address; X-Forwarded-For only when the peer is a trusted proxy."""
+        """The client's address; X-Forwarded-For only when the peer is a trusted proxy.
+
+        Read from the right: each trusted proxy appends the address it got the request
+        from, so the first address that is not a trusted proxy is the client. Whatever
+        is left of it was written by the client itself and proves nothing.
+        """
         peer = peer or "?"
-        if forwarded_for and self.is_trusted(peer):
-            return forwarded_for.split(",")[0].strip() or peer
-        return peer
+        if not forwarded_for or not self.is_trusted(peer):
+            return peer
+        hops = [hop.strip() for hop in forwarded_for[-1024:].split(",")]
+        for hop in reversed(hops):
+            if hop and not self.is_trusted(hop):
+                return hop
+        return next((hop for hop in hops if hop), peer)
 
     def allow(self, address: str) -> bool:
         if self.rps <= 0:
@@ -201,11 +219,19 @@ class Views:
     def __init__(self, services: Services) -> None:
         cfg = services.cfg
         self.services = services
-        self.stats = ApiStats()
+        self.stats = ApiStats(services.telemetry)
         self.limiter = ClientLimiter(cfg.api.per_client_rps, cfg.api.trusted_proxies)
         # Each client's share of the upstream budget for the lookup routes (limits.py).
         self.lookups = LookupLimiter(cfg.api.lookup_per_client_rps, max_cost=balances_cost(cfg.api.max_wallets))
-        self.allowed = set(cfg.server.allowed_origins)
+        self.origins = OriginPolicy(cfg.server.allowed_origins)
+        # Cache-safe CORS (a CDN may store an answer made for one origin, or for none, and
+        # serve it to another): with any origin allowed, "*" on every response, whatever
+        # the request had; with a list, the origin echoed and Vary: Origin on every response.
+        # A page must read ETag (to poll with If-None-Match) and Retry-After: CORS hides
+        # every response header but a few unless they are exposed.
+        self._expose: Headers = [(b"access-control-expose-headers", b"ETag, Retry-After")]
+        self._cors_any: Headers = [(b"access-control-allow-origin", b"*"), *self._expose]
+        self._cors_vary: Headers = [(b"vary", b"Origin")]
         # The state changes every few seconds: browsers and CDNs may reuse it for 1 s and
         # serve it stale while revalidating for a few more.
         self.state_cache_control = b"public, max-age=1, stale-while-revalidate=5"
@@ -387,16 +413,20 @@ class Views:
     # -- shared with the app ---------------------------------------------------------
 
     def origin_allowed(self, origin: str | None) -> bool:
-        return origin is not None and (not self.allowed or origin in self.allowed)
+        """Whether ``server.allowed_origins`` admits ``origin`` (any, when the list is empty)."""
+        return self.origins.allows(origin)
 
     def cors_headers(self, origin: str | None) -> Headers:
-        if not self.origin_allowed(origin):
-            return []
-        value = b"*" if not self.allowed else origin.encode("latin-1")  # type: ignore[union-attr]
-        return [(b"access-control-allow-origin", value), (b"vary", b"Origin")]
+        """The CORS headers of any response to a request with this Origin (None: none sent)."""
+        if self.origins.any:
+            return self._cors_any
+        if origin is not None and self.origins.allows(origin):
+            return [(b"access-control-allow-origin", origin.encode("latin-1")), *self._expose, *self._cors_vary]
+        return self._cors_vary
 
     def preflight_headers(self, origin: str | None) -> Headers:
-        if not self.origin_allowed(origin):
+        """The extra headers of an OPTIONS answer (none for a refused origin)."""
+        if not self.origins.allows(origin):
             return []
         return [
             (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
@@ -418,4 +448,6 @@ class Views:
         elapsed = trio.current_time() - started
         self.stats.record(route, status, elapsed, from_memory=route in MEMORY_ROUTES and status < 400)
         if not access_log.disabled and access_log.isEnabledFor(logging.INFO):
-            access_log.info('%s "%s %s" %d %.1fms', client, method, path or route, status, elapsed * 1000)
+            access_log.info('%s "%s %s" %d %.1fms', client, method, path or route, status, elapsed * 1000,
+                            extra={"method": method, "path": path or route, "status": status,
+                                   "duration_ms": round(elapsed * 1000, 3), "peer": client})

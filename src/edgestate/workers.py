@@ -41,6 +41,7 @@ from typing import Any
 
 import trio
 
+from . import logs
 from .config import Config
 from .errors import ListenError
 from .listen import split_bind
@@ -73,6 +74,7 @@ async def run_member(cfg: Config, *, member: str, stats_dir: str, demo: bool = F
     """
     global _member_dir
     _member_dir = stats_dir
+    logs.set_worker(member)  # two members' lines must be told apart
     stop = trio.Event()
     path = Path(stats_dir) / f"{member}.json"
     async with trio.open_nursery() as nursery:
@@ -216,7 +218,9 @@ class Supervisor:
         self.members: list[_Member] = []
 
     def _argv(self, member: str, bind: str) -> list[str]:
-        argv = [self._python, "-m", "edgestate", "serve", "--bind", bind,
+        # A one-file build (packaging/build.sh) is its own interpreter: no "-m edgestate".
+        command = [self._python] if getattr(sys, "frozen", False) else [self._python, "-m", "edgestate"]
+        argv = [*command, "serve", "--bind", bind,
                 "--worker-id", member, "--stats-dir", self._stats_dir]
         if self._config_path is not None:
             argv += ["--config", self._config_path]
@@ -263,7 +267,10 @@ class Supervisor:
 
     async def _start_feed(self, nursery: trio.Nursery) -> str:
         # Port 0 first; restarts reuse the port it got, so workers find it again.
-        feed = _Member(FEED, self._argv(FEED, "127.0.0.1:0"), self._base_env())
+        env = self._base_env()
+        if self._cfg.server.internal_bind:  # every member serves it: they share it like the public port
+            env["EDGESTATE_SERVER_REUSE_PORT"] = "true"
+        feed = _Member(FEED, self._argv(FEED, "127.0.0.1:0"), env)
         self.members.append(feed)
         url: str = await nursery.start(self._keep, feed)
         feed.argv = self._argv(FEED, url.removeprefix("http://"))

@@ -23,6 +23,7 @@ from .config import Config
 from .errors import BadRequest
 from .heads import Request
 from .listen import peer_of
+from .origins import policy_for
 from .views import HttpDate, error_response
 
 log = logging.getLogger("edgestate.ws")
@@ -74,8 +75,7 @@ def check_upgrade(request: Request, cfg: Config) -> str:
     if len(key) != 24 or not _is_base64_16(key):
         raise BadRequest(400, "bad_request", "missing or invalid Sec-WebSocket-Key")
     origin = headers.get("origin")
-    allowed = cfg.server.allowed_origins
-    if allowed and origin is not None and origin not in allowed:
+    if origin is not None and not policy_for(cfg.server.allowed_origins).allows(origin):
         raise BadRequest(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
     return key
 

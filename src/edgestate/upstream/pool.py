@@ -39,6 +39,7 @@ import trio
 
 from ..config import UpstreamConfig, redact
 from ..errors import Overloaded, RpcError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..telemetry import Telemetry, outcome_of
 from .batching import GMA_MAX, Call, ErrSpec, Window, Wire, pack
 from .bodies import read_capped
 from .costs import CreditMeter
@@ -211,10 +212,28 @@ class Pool:
         self._latency: collections.deque[float] = collections.deque(maxlen=1000)
         self._by_method: collections.Counter[str] = collections.Counter()
         self._n = collections.Counter[str]()
+        # /metrics counters (services.py hands in the process's own); outages logged there.
+        self.telemetry = Telemetry()
 
     # ---- callers -------------------------------------------------------------------
 
     async def execute(self, method: str, params: list[Any] | None = None, *, priority: Priority = Priority.USER) -> Any:
+        """Send one JSON-RPC call (batched with others) and return its ``result``.
+
+        Counted in :attr:`telemetry` (outcome and duration); see :meth:`_execute` for the errors.
+        """
+        started = trio.current_time()
+        outcome = "ok"
+        try:
+            return await self._execute(method, params, priority=priority)
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            self.telemetry.note_failure("rpc", outcome, exc)
+            raise
+        finally:
+            self.telemetry.upstream_call("rpc", method, outcome, trio.current_time() - started)
+
+    async def _execute(self, method: str, params: list[Any] | None = None, *, priority: Priority = Priority.USER) -> Any:
         """Send one JSON-RPC call (batched with others) and return its ``result``.
 
         Raises:

@@ -33,6 +33,7 @@ from solders.pubkey import Pubkey
 from ..cache import Cache, Cached, cache_key
 from ..config import PriceConfig, redact
 from ..errors import EdgeStateError, Overloaded, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..telemetry import Telemetry, outcome_of
 from .bodies import read_capped
 from .ratelimit import Priority, RateLimiter
 
@@ -123,6 +124,8 @@ class PriceClient:
         self._errors = self._retries = 0
         self._rejected = self._dropped = self._timeouts = 0
         self._latencies: deque[float] = deque(maxlen=1000)
+        # /metrics counters (services.py hands in the process's own); outages logged there.
+        self.telemetry = Telemetry()
 
     def __repr__(self) -> str:
         return f"<PriceClient {self._where} queued={len(self._queue)} requests={self._requests}>"
@@ -324,6 +327,18 @@ class PriceClient:
     # -- public API -----------------------------------------------------------------
 
     async def _fetch(self, mint: str, priority: Priority, deadline: float) -> float | None:
+        started = trio.current_time()
+        outcome = "ok"
+        try:
+            return await self._fetch_one(mint, priority, deadline)
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            self.telemetry.note_failure("price", outcome, exc)
+            raise
+        finally:
+            self.telemetry.upstream_call("price", "price", outcome, trio.current_time() - started)
+
+    async def _fetch_one(self, mint: str, priority: Priority, deadline: float) -> float | None:
         if self._client is None:
             raise UpstreamUnavailable("price client is not running")
         pending = self._enqueue(mint, priority, deadline)

@@ -25,6 +25,7 @@ import trio
 import trio_websocket
 
 from ..config import redact
+from ..telemetry import describe
 from ..wsconnect import backoff_delay, json_object, network_failure, open_websocket
 
 log = logging.getLogger("edgestate.upstream.pubsub")
@@ -161,8 +162,9 @@ class PubSub:
                 if error is None:
                     raise
                 failures += 1
-                self._n.last_error = f"{type(error).__name__}: {redact(str(error))}"[:200]
-                log.warning("PubSub %s: %s", redact(self._url), self._n.last_error)
+                self._n.last_error = f"{type(error).__name__}: {redact(describe(error))}"[:200]
+                # Once per outage; the reconnects after it are counted (/stats, /metrics).
+                (log.warning if failures == 1 else log.debug)("PubSub %s: %s", redact(self._url), self._n.last_error)
             finally:
                 if self.up:
                     self.up = False
