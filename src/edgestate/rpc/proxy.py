@@ -9,8 +9,9 @@
    ``rpc:<method>`` + canonical params + commitment; misses are single-flight and go
    through the shared :class:`~edgestate.upstream.pool.Pool`, which batches them and
    merges getAccountInfo/getBalance into getMultipleAccounts;
-4. getSignatureStatuses of all clients are merged into calls of at most 256 signatures
-   (:class:`StatusMerger`), each status cached on its own;
+4. getSignatureStatuses of all clients within ``rpc.status_window_ms`` (about a slot) are
+   merged into calls of at most 256 signatures (:class:`StatusMerger`), each status cached
+   on its own;
 5. sendTransaction goes through a pool of its own with no retries: forwarded once.
 
 Upstream failures become JSON-RPC errors (the provider's own, or -32603 naming what
@@ -119,13 +120,19 @@ class StatusMerger:
     """getSignatureStatuses of many clients, merged into calls of at most 256 signatures.
 
     Callers asking within one window (``window`` seconds from the first) share the
-    upstream calls; statuses are cached per signature (a finalized one for long, others
-    for about a slot), so polling clients of one signature cost one lookup per slot.
+    upstream calls; a window closes early once it holds 256 signatures. Statuses are
+    cached per signature (a finalized one for long, others for about a slot), so polling
+    clients of one signature cost one lookup per slot.
+
+    Why a window of about a slot and not the pool's batch window (100 ms): wallets poll
+    their signature every second or so, each at its own phase, so one 100 ms window
+    catches a tenth of a poll round; a slot-long window catches 256 signatures once
+    about 640 polls/s arrive, and a status cannot change faster than a slot anyway.
 
     Args:
         execute: ``execute(method, params)`` -> result (the pool's).
         cache: where each signature's status is kept.
-        window: seconds a window stays open (the pool's batch window).
+        window: seconds a window stays open (``rpc.status_window_ms``).
     """
 
     def __init__(self, execute: Execute, cache: Cache, window: float) -> None:
@@ -270,7 +277,7 @@ class RpcProxy:
         up = dataclasses.replace(cfg.upstream, max_retries=0, max_batch_size=1, batch_window_ms=0,
                                  max_connections=min(4, cfg.upstream.max_connections))
         self._send_pool = send_pool if send_pool is not None else Pool(up, limiter)
-        self.statuses = StatusMerger(self._read, cache, cfg.upstream.batch_window_ms / 1000)
+        self.statuses = StatusMerger(self._read, cache, cfg.rpc.status_window_ms / 1000)
         self._budget = ClientBudget(cfg.rpc.per_client_rps)
         self._send_budget = ClientBudget(cfg.rpc.send_per_client_rps)
         self._timeout = cfg.upstream.request_timeout
