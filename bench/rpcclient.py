@@ -248,11 +248,15 @@ async def readmix(target: str, sim: str, n: int, warmup: float, measure: float, 
         conn = _Http(target)
         async for due, idx in rx:
             body = b"[" + b",".join(bodies[i] for i in idx) + b"]"
-            try:
-                with trio.fail_after(30):
-                    reply = await conn.post(body)
-            except (OSError, EOFError, ConnectionError, trio.TooSlowError, ValueError, trio.BrokenResourceError):
-                conn = _Http(target)
+            reply = None
+            for _attempt in range(2):  # once more on a fresh connection: the server may close an idle one
+                try:
+                    with trio.fail_after(30):
+                        reply = await conn.post(body)
+                    break
+                except (OSError, EOFError, ConnectionError, trio.TooSlowError, ValueError, trio.BrokenResourceError):
+                    conn = _Http(target)
+            if reply is None:
                 if window["on"]:
                     stats["failed_batches"] += 1
                 continue
@@ -291,7 +295,7 @@ async def readmix(target: str, sim: str, n: int, warmup: float, measure: float, 
                         if due:
                             await send.send((now, due))
                             continue
-                        await trio.sleep(max(0.0, min(_TICK, heap[0][0] - now)))
+                        await trio.sleep(max(0.0, min(_TICK, heap[0][0] - now)) if heap else _TICK)
                     after = await _counters(http, sim)
                     took = trio.current_time() - t_measure
                     window["on"] = False
