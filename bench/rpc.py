@@ -23,7 +23,7 @@ import subprocess
 import time
 from typing import Any
 
-from .common import CLIENT_CPUS, ROOT, AddressPool, Procs, log, machine, python, save_result
+from .common import CLIENT_CPUS, COMMAND, ROOT, AddressPool, Procs, load_results, log, machine, python, save_result
 from .stack import Stack
 
 # The load clients come from one address: no per-client budget.
@@ -102,10 +102,13 @@ def run(ns: list[int], wallets: int = 1000, polls: int = 3, *, frontends: tuple[
     ``only`` picks scenarios ("c" runs only the read mix; the results file keeps the others' last figures).
     """
     results: dict[str, Any] = {"machine": machine(), "subscriptions": [], "statuses": {}}
-    if only != "abc":
-        from .common import load_results
-        results = {**load_results().get("rpc", {}), "machine": machine()}
+    if only != "abc":  # keep the other parts' last figures, each with the command and machine that made it
+        prev = load_results().get("rpc", {})
+        made = {"command": prev.get("command"), "machine": prev.get("machine")}
+        results = {**prev, "machine": machine(), "parts": prev.get("parts") or {"a": made, "b": made}}
         results.pop("command", None)
+    for part in only:
+        results.setdefault("parts", {})[part] = {"command": COMMAND[0], "machine": machine()}
     with Procs() as procs:
         stack = Stack(procs)
         start(stack)

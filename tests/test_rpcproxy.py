@@ -297,6 +297,31 @@ async def test_polling_wallets_cost_one_status_call_per_256_signatures_per_round
     assert h.proxy.statuses.stats()["upstream_calls"] == len(calls)
 
 
+async def test_a_malformed_blockhash_is_32602_not_a_crash(make: Any) -> None:
+    h = await make()
+    for bad in ("", "x", "1" * 10):
+        answer = await h.call("isBlockhashValid", bad)
+        assert answer["error"] == {"code": -32602, "message": "Invalid param: Invalid"}
+    assert h.provider.items == []
+
+
+async def test_cache_hits_in_a_batch_are_answered_in_order_and_counted(make: Any) -> None:
+    h = await make()
+    wallets = [key() for _ in range(3)]
+    batch = [{"jsonrpc": "2.0", "id": i, "method": "getBalance", "params": [w, {"commitment": "confirmed"}]}
+             for i, w in enumerate(wallets)]
+    _, _, first = await h.raw(batch)
+    before = len(h.provider.items)
+    mixed = [*batch, {"jsonrpc": "2.0", "id": "new", "method": "getBalance", "params": [key()]},
+             {"jsonrpc": "2.0", "id": 9, "method": "nope"}, {"jsonrpc": "2.0", "method": "getSlot"}]
+    _, _, again = await h.raw(mixed)
+    assert again[:3] == first and again[3]["id"] == "new" and again[4]["error"]["code"] == -32601
+    assert len(again) == 5  # the notification gets no answer
+    assert len(h.provider.items) == before + 1  # only the new wallet went upstream
+    m = h.proxy.stats()["methods"]["getBalance"]
+    assert m["cache_hits"] == 3 and m["cache_misses"] == 4 and m["calls"]["ok"] == 7
+
+
 def test_status_window_is_about_a_slot_and_bounded() -> None:
     assert config.from_dict({}, environ={}).rpc.status_window_ms == 400.0
     assert config.from_dict({"rpc": {"status_window_ms": 0}}, environ={}).rpc.status_window_ms == 0
