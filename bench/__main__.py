@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=6, help="scaleout: worker processes (default 6)")
     p.add_argument("--hours", type=float, default=2.0, help="cost: virtual hours of lottery activity (default 2)")
     p.add_argument("--join-every", type=float, default=30.0, help="cost: seconds between participant joins")
+    p.add_argument("--rpc-parts", default="abc", help="rpc: which of (a) subscriptions, (b) statuses, (c) read mix")
+    p.add_argument("--frontends", help="rpc (c): frontend counts, comma separated (default 100,1000,10000)")
     p.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--baseline", metavar="PATH",
                    help="a checkout of today's code: each scenario runs against it first (saved as "
@@ -116,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 cost.run(hours=args.hours, join_every=args.join_every)
             elif name == "rpc":  # issue 12: /rpc subscriptions shared, signature statuses merged
                 from . import rpc
-                rpc.run([int(x) for x in args.ns.split(",")] if args.ns else ([1000, 10000] if full else [10000]))
+                fronts = tuple(int(x) for x in args.frontends.split(",")) if args.frontends else (100, 1000, 10000)
+                rpc.run([int(x) for x in args.ns.split(",")] if args.ns else ([1000, 10000] if full else [10000]),
+                        frontends=fronts, only=args.rpc_parts)
             elif name == "soak":
                 if not deps["node"]:
                     continue

@@ -253,6 +253,83 @@ async def test_signature_statuses_of_many_clients_merge_into_calls_of_256(make: 
     assert len([i for i in h.provider.items if i["method"] == "getSignatureStatuses"]) == 3
 
 
+async def test_polling_wallets_cost_one_status_call_per_256_signatures_per_round(
+        make: Any, autojump_clock: Any) -> None:
+    """1,000 wallets poll their own signature once a second, each at its own phase.
+
+    The round's polls spread over the whole second, so a merge window as short as the
+    pool's batch window (10 ms here) would send ~100 calls per round; a slot-long window
+    that closes at 256 signatures sends ceil(1000/256) = 4, and no poll waits more than
+    about a slot.
+    """
+    import random
+
+    h = await make()
+    rng = random.Random(12)
+    wallets, rounds = 1000, 3
+
+    def not_landed_yet(request: httpx.Request, body: Any) -> httpx.Response | None:
+        items = body if isinstance(body, list) else [body]
+        out = [{"jsonrpc": "2.0", "id": i["id"], "result": {"context": {"slot": 7}, "value": [None] * len(i["params"][0])}}
+               if i["method"] == "getSignatureStatuses" else Provider.answer(i) for i in items]
+        return httpx.Response(200, json=out if isinstance(body, list) else out[0])
+
+    h.provider.hook = not_landed_yet
+    sigs = [sig() for _ in range(wallets)]
+    waits: list[float] = []
+    t0 = trio.current_time()
+
+    async def wallet(s: str, phase: float) -> None:
+        for k in range(rounds):
+            await trio.sleep_until(t0 + phase + k)
+            asked = trio.current_time()
+            answer = await h.call("getSignatureStatuses", [s], client="10.0.0.1")
+            assert answer["result"]["value"] == [None]
+            waits.append(trio.current_time() - asked)
+
+    async with trio.open_nursery() as nursery:
+        for s in sigs:
+            nursery.start_soon(wallet, s, rng.random())
+    calls = [i for i in h.provider.items if i["method"] == "getSignatureStatuses"]
+    assert sum(len(c["params"][0]) for c in calls) == wallets * rounds
+    assert len(calls) <= rounds * -(-wallets // 256)
+    assert max(waits) <= 0.4 + 0.05  # about a slot (+ the pool's window and the provider's reply)
+    assert h.proxy.statuses.stats()["upstream_calls"] == len(calls)
+
+
+async def test_a_malformed_blockhash_is_32602_not_a_crash(make: Any) -> None:
+    h = await make()
+    for bad in ("", "x", "1" * 10):
+        answer = await h.call("isBlockhashValid", bad)
+        assert answer["error"] == {"code": -32602, "message": "Invalid param: Invalid"}
+    assert h.provider.items == []
+
+
+async def test_cache_hits_in_a_batch_are_answered_in_order_and_counted(make: Any) -> None:
+    h = await make()
+    wallets = [key() for _ in range(3)]
+    batch = [{"jsonrpc": "2.0", "id": i, "method": "getBalance", "params": [w, {"commitment": "confirmed"}]}
+             for i, w in enumerate(wallets)]
+    _, _, first = await h.raw(batch)
+    before = len(h.provider.items)
+    mixed = [*batch, {"jsonrpc": "2.0", "id": "new", "method": "getBalance", "params": [key()]},
+             {"jsonrpc": "2.0", "id": 9, "method": "nope"}, {"jsonrpc": "2.0", "method": "getSlot"}]
+    _, _, again = await h.raw(mixed)
+    assert again[:3] == first and again[3]["id"] == "new" and again[4]["error"]["code"] == -32601
+    assert len(again) == 5  # the notification gets no answer
+    assert len(h.provider.items) == before + 1  # only the new wallet went upstream
+    m = h.proxy.stats()["methods"]["getBalance"]
+    assert m["cache_hits"] == 3 and m["cache_misses"] == 4 and m["calls"]["ok"] == 7
+
+
+def test_status_window_is_about_a_slot_and_bounded() -> None:
+    assert config.from_dict({}, environ={}).rpc.status_window_ms == 400.0
+    assert config.from_dict({"rpc": {"status_window_ms": 0}}, environ={}).rpc.status_window_ms == 0
+    for bad, msg in ((2500, "at most 2000 ms"), (-1, ">= 0")):
+        with pytest.raises(config.ConfigError, match=msg):
+            config.from_dict({"rpc": {"status_window_ms": bad}}, environ={})
+
+
 async def test_send_transaction_is_forwarded_exactly_once_on_failure(make: Any) -> None:
     h = await make()
     h.provider.hook = lambda request, body: httpx.Response(503, text="busy")

@@ -266,6 +266,9 @@ class RpcConfig:
     # sendTransaction/simulateTransaction per client address per second (on top of per_client_rps); 0 = off.
     send_per_client_rps: float = 5.0
     max_subscriptions: int = 100
+    # getSignatureStatuses of all clients within this many ms (from the first) merge into calls of
+    # <= 256 signatures; about one slot, so a poll waits at most ~a slot. 0 = only concurrent calls merge.
+    status_window_ms: float = 400.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -328,6 +331,7 @@ _MAY_BE_ZERO = {
     ("upstream", "credits_per_month"),
     ("rpc", "per_client_rps"),
     ("rpc", "send_per_client_rps"),
+    ("rpc", "status_window_ms"),
 }
 
 
@@ -471,6 +475,8 @@ def _validate(section: str, key: str, value: Any, where: str) -> None:
         for i, program in enumerate(value):
             if not _is_pubkey(program):
                 raise ConfigError(f"{where}[{i}]: not a valid Solana public key (base58, 32 bytes): {program!r}")
+    if (section, key) == ("rpc", "status_window_ms") and value > 2000:
+        raise ConfigError(f"{where}: at most 2000 ms (every status poll may wait this long), got {value!r}")
     if (section, key) == ("rpc", "allowed_methods"):
         unknown = [m for m in value if m not in RPC_KNOWN_METHODS]
         if unknown:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from solders.hash import Hash
+from solders.hash import Hash, ParseHashError
 from solders.pubkey import Pubkey
 from solders.signature import Signature
 
@@ -99,7 +99,7 @@ def _blockhash(value: Any) -> str:
         raise InvalidParams("Invalid param: Invalid")
     try:
         Hash.from_string(value)
-    except ValueError:
+    except (ValueError, ParseHashError):  # solders' ParseHashError is no ValueError
         raise InvalidParams("Invalid param: Invalid") from None
     return value
 
