@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import json
 import logging
 from collections.abc import Coroutine
@@ -116,10 +117,16 @@ class Handler(Protocol):
         ...
 
 
+@functools.lru_cache(maxsize=8)
+def _size_error(max_size: int) -> bytes:
+    # One frame for every session (not one each: per-connection bytes are what 100k multiply).
+    return _error_frame(f"message too large: at most {max_size} bytes")
+
+
 class _Session:
     """/ws message handling: the contract's replies, strikes and the frame rate."""
 
-    __slots__ = ("client", "hub", "strikes", "allowance", "stamp", "charged", "size_error")
+    __slots__ = ("client", "hub", "strikes", "allowance", "stamp", "charged", "max_size")
 
     def __init__(self, client: Client, hub: Hub, cfg: Config) -> None:
         self.client, self.hub = client, hub
@@ -127,7 +134,7 @@ class _Session:
         self.allowance = _MSG_BURST
         self.stamp = trio.current_time()
         self.charged = 0  # frames already paid for out of the rate allowance
-        self.size_error = _error_frame(f"message too large: at most {cfg.ws.max_message_size} bytes")
+        self.max_size = cfg.ws.max_message_size
 
     @property
     def closing(self) -> bool:
@@ -173,7 +180,7 @@ class _Session:
             if event.opcode == wsframes.OP_PING:
                 client.send_reply(wsframes.encode_frame(wsframes.OP_PONG, event.payload))
         elif isinstance(event, wsframes.TooBig):
-            self._strike(self.size_error)
+            self._strike(_size_error(self.max_size))
         elif not event.text:
             self._strike(_ERR_BINARY)
         else:
