@@ -115,15 +115,16 @@ class HeadReader:
                     return None
             if not self.buffer:
                 return None  # idle past the keep-alive timeout
-        end = -1
-        with trio.move_on_after(head_timeout) as waited:
-            while (end := self._head_end()) < 0:
-                if len(self.buffer) > self._max:
-                    raise BadRequest(431, "headers_too_large", f"request head over {self._max} bytes")
-                if not await self._receive():
-                    return None
-        if waited.cancelled_caught:
-            raise BadRequest(408, "request_timeout", f"request head not complete within {head_timeout:g}s")
+        end = self._head_end()
+        if end < 0:  # the usual head arrives in one read: no deadline to set up for it
+            with trio.move_on_after(head_timeout) as waited:
+                while (end := self._head_end()) < 0:
+                    if len(self.buffer) > self._max:
+                        raise BadRequest(431, "headers_too_large", f"request head over {self._max} bytes")
+                    if not await self._receive():
+                        return None
+            if waited.cancelled_caught:
+                raise BadRequest(408, "request_timeout", f"request head not complete within {head_timeout:g}s")
         if end > self._max:
             raise BadRequest(431, "headers_too_large", f"request head over {self._max} bytes")
         return self._parse(end)
