@@ -233,6 +233,8 @@ def before_after_section(results: dict[str, dict[str, Any]]) -> list[str]:
     http_b, http_a = results.get("http-baseline"), results.get("http")
     if http_b and http_a:
         out += [f"HTTP, `{http_a.get('command')}` · {machine_line(http_a['machine'])}:", "",
+                "The bare ASGI and nginx rows run the same code in both halves: their ratios show the run's own "
+                "noise on this shared machine; repeat the command and compare the edgestate rows against them.", "",
                 "| target | before req/s | after req/s | ratio | before p99 | after p99 |", "|---|---:|---:|---:|---:|---:|"]
         before = {r["target"]: r for r in http_b["rows"]}
         for r in http_a["rows"]:
