@@ -5,7 +5,7 @@ bench/loadclient; pip: matplotlib for the plots), starts everything on loopback,
 scenarios, stops what it started (by PID), and writes docs/benchmarks.md and docs/img/*.png
 from bench/results/*.json (each scenario run replaces its own results file).
 
-  --quick   (default) under 3 minutes: fan-out 1k/5k, HTTP 5 s runs, amplification 1k/10k,
+  --quick   (default) about 5 minutes: fan-out 1k/5k, HTTP 5 s runs, amplification 1k/10k,
             balances 10/100/1000, pool overhead 2,000 calls + 5 s coalescing mix
   --full    fan-out 1k/5k/10k/19k (20 updates each), HTTP 10 s, amplification 1k/10k/19k
             with 30 s windows, balances, soak 10k clients × 10 min
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", choices=("all", "report", *SCENARIOS))
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small, < 3 minutes in all (default)")
+    mode.add_argument("--quick", action="store_true", help="small, about 5 minutes in all (default)")
     mode.add_argument("--full", action="store_true", help="the full sizes (about 20 minutes with the soak)")
     p.add_argument("--ns", help="fan-out client counts, comma separated (overrides the mode's)")
     p.add_argument("--users", help="amplification user counts, comma separated")
