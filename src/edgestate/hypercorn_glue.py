@@ -83,8 +83,8 @@ class HypercornBridge:
         hcfg.errorlog = logging.getLogger("hypercorn.error")
         hcfg.graceful_timeout = server.graceful_timeout
         hcfg.keep_alive_timeout = server.keepalive_timeout
-        # Hypercorn's per-read timeout bounds the time between body bytes and, as its
-        # idle timer does not fire on a connection it did not accept, keep-alive idling.
+        # Hypercorn's per-read timeout bounds the time between body bytes, and keep-alive
+        # idling too should its idle timer not fire (tests/test_edge.py checks both).
         hcfg.read_timeout = math.ceil(max(server.body_timeout, server.keepalive_timeout))
         hcfg.h11_max_incomplete_size = server.max_header_bytes
         hcfg.websocket_max_message_size = 65536  # WebSockets never reach it; bound anyway

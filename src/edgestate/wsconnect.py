@@ -7,6 +7,7 @@ keepalive (STACK-NOTES), so the stream is opened and closed here, and pings are 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import ssl
 import urllib.parse
@@ -17,7 +18,9 @@ from typing import Any
 import trio
 import trio_websocket
 
-# Failures of a connection that a reconnect loop retries (anything else is a bug).
+log = logging.getLogger("edgestate.wsconnect")
+
+# Failures of a connection that a reconnect loop expects (anything else is logged as a bug, then retried).
 NETWORK_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     trio.BrokenResourceError,
@@ -87,9 +90,13 @@ def backoff_delay(failures: int, base: float, cap: float) -> float:
 
 
 def network_failure(exc: BaseException, extra: tuple[type[BaseException], ...] = ()) -> BaseException | None:
-    """The retryable failure in ``exc``, looking inside a session nursery's exception group.
+    """The failure in ``exc`` that costs only this upstream session (reconnect with backoff).
 
-    None when ``exc`` holds anything else (a bug, or Cancelled), which must propagate.
+    Looks inside a session nursery's exception group. Network errors (and ``extra``) are
+    expected. Anything else that is an ``Exception`` (a bug met on a hostile message, say)
+    is logged with its traceback and also costs only the session: one upstream connection
+    must not end the process. None for ``Cancelled`` and other ``BaseException``s, which
+    must propagate.
     """
     expected = NETWORK_ERRORS + extra
     if isinstance(exc, expected):
@@ -97,11 +104,17 @@ def network_failure(exc: BaseException, extra: tuple[type[BaseException], ...] =
     if isinstance(exc, BaseExceptionGroup):
         matched, rest = exc.split(expected)
         if matched is not None and rest is None:
-            leaf: BaseException = matched
-            while isinstance(leaf, BaseExceptionGroup):
-                leaf = leaf.exceptions[0]
-            return leaf
+            return _first_leaf(matched)
+    if isinstance(exc, Exception):  # an ExceptionGroup holds Exceptions only
+        log.error("unexpected error in an upstream WebSocket session (reconnecting)", exc_info=exc)
+        return _first_leaf(exc)
     return None
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def json_object(text: str | bytes, error: type[Exception], peer: str) -> dict[str, Any]:
